@@ -1,0 +1,1 @@
+"""The five Crossmodal Search services, one package each."""
