@@ -6,7 +6,15 @@ manifests run the same commands in containers (a test checks they agree).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
 
 
 @dataclass(frozen=True)
@@ -31,3 +39,151 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("metadata", "METADATA_", 8004),
     ServiceSpec("gateway", "GATEWAY_", 8000),
 )
+
+
+def service_environment(
+    data_dir: Path, ports: dict[str, int], *, model: str, redis_url: str
+) -> dict[str, str]:
+    """Environment for running every service as a local process under ``data_dir``."""
+
+    def url(name: str) -> str:
+        return f"http://127.0.0.1:{ports[name]}"
+
+    env = {f"{spec.env_prefix}PORT": str(ports[spec.name]) for spec in SERVICES}
+    env |= {f"{spec.env_prefix}HOST": "127.0.0.1" for spec in SERVICES}
+    env |= {
+        "GATEWAY_AUTH_URL": url("auth"),
+        "GATEWAY_FEATURE_URL": url("feature"),
+        "GATEWAY_RETRIEVAL_URL": url("retrieval"),
+        "GATEWAY_METADATA_URL": url("metadata"),
+        "GATEWAY_REDIS_URL": redis_url,
+        "AUTH_DATABASE_URL": f"sqlite:///{data_dir / 'auth' / 'auth.db'}",
+        "AUTH_PRIVATE_KEY_PATH": str(data_dir / "auth" / "signing-key.pem"),
+        "FEATURE_MODEL": model,
+        "RETRIEVAL_DATA_DIR": str(data_dir / "retrieval"),
+        "METADATA_DATABASE_URL": f"sqlite:///{data_dir / 'metadata' / 'metadata.db'}",
+        "METADATA_IMAGE_DIR": str(data_dir / "metadata" / "images"),
+    }
+    if Path(model).exists():
+        # A local model never needs the hub: fail fast on a missing file instead of timing out.
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+class ServiceProcess:
+    """One service as a child process, its output appended to a log file."""
+
+    def __init__(self, spec: ServiceSpec, env: dict[str, str], log_path: Path, cwd: Path) -> None:
+        self.spec = spec
+        self.env = env
+        self.log_path = log_path
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env[f'{self.spec.env_prefix}PORT']}"
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(
+                self.spec.command(sys.executable),
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.spec.name} exited with code {self.process.returncode}; "
+                    f"see {self.log_path}:\n{self.tail()}"
+                )
+            try:
+                response = httpx.get(f"{self.url}/readyz", timeout=2.0)
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"{self.spec.name} not ready after {timeout:.0f}s: {last}\n{self.tail()}"
+        )
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, *, kill: bool = False, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+class LocalStack:
+    """The five services as local processes: what ``make run`` starts and the end-to-end
+    tests drive."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        model: str | Path,
+        redis_url: str,
+        ports: dict[str, int] | None = None,
+        extra_env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        ports = ports or {spec.name: spec.port for spec in SERVICES}
+        env = {
+            **os.environ,
+            **service_environment(data_dir, ports, model=str(model), redis_url=redis_url),
+        }
+        env |= extra_env or {}
+        root = cwd or Path(__file__).resolve().parent.parent
+        self.services = {
+            spec.name: ServiceProcess(spec, env, data_dir / "logs" / f"{spec.name}.log", root)
+            for spec in SERVICES
+        }
+
+    def url(self, name: str) -> str:
+        return self.services[name].url
+
+    def start(self, timeout: float = 180.0) -> None:
+        for service in self.services.values():
+            service.start()
+        try:
+            for service in self.services.values():
+                service.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self, name: str, *, kill: bool = False, timeout: float = 120.0) -> None:
+        service = self.services[name]
+        service.stop(kill=kill)
+        service.start()
+        service.wait_ready(timeout)
+
+    def stop(self) -> None:
+        # Reverse order: the gateway goes first, so nothing calls a stopped dependency.
+        for service in reversed(list(self.services.values())):
+            service.stop()

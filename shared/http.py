@@ -30,6 +30,7 @@ class ServiceClient:
         connect_timeout: float = 1.0,
         retries: int = 2,
         backoff: float = 0.1,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = name
         self.retries = retries
@@ -38,6 +39,7 @@ class ServiceClient:
             base_url=base_url,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            transport=transport,
         )
 
     async def aclose(self) -> None:

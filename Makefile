@@ -1,0 +1,44 @@
+# Crossmodal Search. `make run` starts the whole stack locally; `make test` runs the whole suite.
+# Both create the virtual environment on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch; on a CUDA machine override, e.g. `make TORCH_SPEC=torch run`.
+TORCH_SPEC ?= torch==2.13.0
+OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint format demo-model clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# Only for its CLIP BPE vocabulary file: --no-deps keeps its torchvision requirement out.
+	$(PY) -m pip install --quiet --no-deps "$(OPEN_CLIP_SPEC)"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m crossmodal run
+
+# Tests never touch the Hugging Face hub: a missing file fails at once.
+test: install lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+demo-model: install
+	$(PY) -m crossmodal.demo build-model --out var/demo/model
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache

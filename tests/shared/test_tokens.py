@@ -1,0 +1,156 @@
+"""TokenVerifier against a JWKS served by a small ASGI app: the attacks it must refuse."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+
+from shared.http import ServiceClient
+from shared.problems import Forbidden, Unauthorized
+from shared.tokens import TokenVerifier, bearer_token
+
+pytestmark = pytest.mark.anyio
+
+ISSUER, AUDIENCE = "crossmodal-auth", "crossmodal-gateway"
+
+
+class KeyServer:
+    def __init__(self) -> None:
+        self.keys: dict[str, rsa.RSAPrivateKey] = {}
+        self.fetches = 0
+        self.app = FastAPI()
+
+        @self.app.get("/.well-known/jwks.json")
+        async def jwks() -> dict[str, Any]:
+            self.fetches += 1
+            out = []
+            for kid, key in self.keys.items():
+                jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+                out.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
+            return {"keys": out}
+
+    def add_key(self, kid: str) -> rsa.RSAPrivateKey:
+        self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return self.keys[kid]
+
+    def sign(self, kid: str, **overrides: Any) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "alice",
+            "scope": "search:text",
+            "iat": now,
+            "exp": now + 60,
+            "jti": "j1",
+        }
+        claims.update(overrides)
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return jwt.encode(claims, self.keys[kid], algorithm="RS256", headers={"kid": kid})
+
+
+@pytest.fixture
+def server() -> KeyServer:
+    server = KeyServer()
+    server.add_key("k1")
+    return server
+
+
+def verifier(server: KeyServer) -> TokenVerifier:
+    client = ServiceClient("auth", "http://auth", transport=httpx.ASGITransport(app=server.app))
+    return TokenVerifier(client, issuer=ISSUER, audience=AUDIENCE, min_refresh_interval=0)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+async def test_valid_token_gives_principal_and_scopes(server: KeyServer) -> None:
+    principal = await verifier(server).verify(server.sign("k1", scope="search:text items:read"))
+    assert principal.subject == "alice"
+    assert principal.scopes == {"search:text", "items:read"}
+    principal.require("items:read")
+    with pytest.raises(Forbidden) as raised:
+        principal.require("items:write")
+    assert raised.value.code == "insufficient_scope"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"exp": int(time.time()) - 60}, "token_expired"),
+        ({"nbf": int(time.time()) + 600}, "invalid_token"),
+        ({"aud": "someone-else"}, "invalid_token"),
+        ({"iss": "evil"}, "invalid_token"),
+        ({"sub": None}, "invalid_token"),
+        ({"exp": None}, "invalid_token"),
+        ({"scope": ["admin"]}, "invalid_token"),
+    ],
+)
+async def test_bad_claims_are_refused(server: KeyServer, overrides: dict, code: str) -> None:
+    with pytest.raises(Unauthorized) as raised:
+        await verifier(server).verify(server.sign("k1", **overrides))
+    assert raised.value.code == code
+
+
+async def test_alg_none_and_hs256_with_public_key_are_refused(server: KeyServer) -> None:
+    good = server.sign("k1")
+    claims = jwt.decode(good, options={"verify_signature": False})
+    head = b64(json.dumps({"alg": "none", "kid": "k1"}).encode())
+    unsigned = f"{head}.{b64(json.dumps(claims).encode())}."
+    pem = (
+        server.keys["k1"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    head = b64(json.dumps({"alg": "HS256", "kid": "k1"}).encode())
+    body = b64(json.dumps(claims).encode())
+    mac = b64(hmac.new(pem, f"{head}.{body}".encode(), hashlib.sha256).digest())
+    for token in (unsigned, f"{head}.{body}.{mac}"):
+        with pytest.raises(Unauthorized):
+            await verifier(server).verify(token)
+
+
+async def test_tampered_payload_is_refused(server: KeyServer) -> None:
+    head, body, sig = server.sign("k1").split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    claims["scope"] = "admin"
+    with pytest.raises(Unauthorized) as raised:
+        await verifier(server).verify(f"{head}.{b64(json.dumps(claims).encode())}.{sig}")
+    assert raised.value.code == "invalid_token"
+
+
+async def test_unknown_kid_refreshes_the_key_set_once(server: KeyServer) -> None:
+    v = verifier(server)
+    await v.verify(server.sign("k1"))
+    assert server.fetches == 1
+    server.add_key("k2")  # rotation: a new key appears after the cache was filled
+    await v.verify(server.sign("k2"))
+    assert server.fetches == 2
+    with pytest.raises(Unauthorized):  # a known kid with a broken signature
+        await v.verify(server.sign("k2").rsplit(".", 1)[0] + ".AAAA")
+    server.keys["k3"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = server.sign("k3")
+    del server.keys["k3"]
+    with pytest.raises(Unauthorized) as raised:
+        await v.verify(token)
+    assert "unknown key" in raised.value.detail
+
+
+def test_bearer_header_parsing() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer  abc ") == "abc"
+    for bad in (None, "", "Basic abc", "Bearer", "Bearer  "):
+        with pytest.raises(Unauthorized):
+            bearer_token(bad)
