@@ -1,0 +1,1 @@
+"""Gateway: the only public door. Verifies tokens, caches, and orchestrates the other services."""
