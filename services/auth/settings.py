@@ -1,0 +1,133 @@
+"""Settings of the auth service: environment variables with the ``AUTH_`` prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.auth.scopes import KNOWN_SCOPES, format_scopes, unknown_scopes
+from shared.settings import ServiceSettings
+
+DEFAULT_DEV_PASSWORD = "demo-password"
+MIN_PRODUCTION_SECRET_LENGTH = 12
+# OWASP's minimum argon2id profile (t=2, m=19 MiB); anything cheaper is refused in production.
+MIN_PRODUCTION_ARGON2_TIME_COST = 2
+MIN_PRODUCTION_ARGON2_MEMORY_KIB = 19 * 1024
+# User names and client ids: printable, no spaces or colons (a colon would break HTTP Basic).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+MAX_SECRET_LENGTH = 1024
+
+
+def _known_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    # A typo here would silently grant nothing; better to fail at startup.
+    unknown = unknown_scopes(scopes)
+    if unknown:
+        raise ValueError(
+            f"unknown scope(s) {format_scopes(unknown)}; known: {' '.join(KNOWN_SCOPES)}"
+        )
+    return scopes
+
+
+def _non_empty(secret: SecretStr) -> SecretStr:
+    value = secret.get_secret_value()
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > MAX_SECRET_LENGTH:
+        raise ValueError(f"must be at most {MAX_SECRET_LENGTH} characters")
+    return secret
+
+
+class BootstrapUser(BaseModel):
+    """A user created at first start when absent (an existing user is never overwritten)."""
+
+    # Errors must never echo the input: it holds a password.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    username: str = Field(pattern=NAME_PATTERN)
+    password: SecretStr
+    scopes: tuple[str, ...] = ()
+
+    _check_scopes = field_validator("scopes")(_known_scopes)
+    _check_password = field_validator("password")(_non_empty)
+
+
+class BootstrapClient(BaseModel):
+    """A client (``client_credentials`` grant) created at first start when absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    client_id: str = Field(pattern=NAME_PATTERN)
+    client_secret: SecretStr
+    scopes: tuple[str, ...] = ()
+
+    _check_scopes = field_validator("scopes")(_known_scopes)
+    _check_secret = field_validator("client_secret")(_non_empty)
+
+
+def _default_users() -> tuple[BootstrapUser, ...]:
+    return (
+        BootstrapUser(
+            username="demo", password=SecretStr(DEFAULT_DEV_PASSWORD), scopes=KNOWN_SCOPES
+        ),
+    )
+
+
+class AuthSettings(ServiceSettings):
+    # hide_input_in_errors: a refused configuration is printed at startup and must not leak
+    # the bootstrap passwords it was given.
+    model_config = SettingsConfigDict(env_prefix="AUTH_", hide_input_in_errors=True)
+
+    port: int = Field(8001, ge=1, le=65535)
+    database_url: str = "sqlite:///var/auth/auth.db"
+    # PEM RSA (2048+ bits) private key. Development creates it when missing; production requires it.
+    private_key_path: Path = Path("var/auth/signing-key.pem")
+    issuer: str = "crossmodal-auth"
+    audience: str = "crossmodal-gateway"
+    access_token_ttl_seconds: int = Field(900, ge=30, le=86400)
+    # JSON lists in the environment, e.g.
+    # AUTH_BOOTSTRAP_USERS='[{"username": "alice", "password": "…", "scopes": ["search:text"]}]'.
+    # The default (the "demo" user) is refused in production: set real users, or [] for none.
+    bootstrap_users: tuple[BootstrapUser, ...] = Field(default_factory=_default_users)
+    bootstrap_clients: tuple[BootstrapClient, ...] = ()
+    # argon2id cost; the defaults are argon2-cffi's (RFC 9106 "low memory" profile). Tests lower them.
+    argon2_time_cost: int = Field(3, ge=1, le=20)
+    argon2_memory_kib: int = Field(65536, ge=64, le=4 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        names = [u.username for u in self.bootstrap_users]
+        names += [c.client_id for c in self.bootstrap_clients]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"bootstrap user/client names must be unique: {', '.join(duplicates)}")
+        if self.is_production:
+            self._check_production()
+        return self
+
+    def _check_production(self) -> None:
+        secrets = [(f"user {u.username!r}", u.password) for u in self.bootstrap_users]
+        secrets += [(f"client {c.client_id!r}", c.client_secret) for c in self.bootstrap_clients]
+        errors = []
+        for who, secret in secrets:
+            value = secret.get_secret_value()
+            if value == DEFAULT_DEV_PASSWORD:
+                errors.append(f"bootstrap {who} uses the default development password")
+            elif len(value) < MIN_PRODUCTION_SECRET_LENGTH:
+                errors.append(
+                    f"bootstrap {who} has a password shorter than "
+                    f"{MIN_PRODUCTION_SECRET_LENGTH} characters"
+                )
+        if self.argon2_time_cost < MIN_PRODUCTION_ARGON2_TIME_COST:
+            errors.append(f"AUTH_ARGON2_TIME_COST must be >= {MIN_PRODUCTION_ARGON2_TIME_COST}")
+        if self.argon2_memory_kib < MIN_PRODUCTION_ARGON2_MEMORY_KIB:
+            errors.append(f"AUTH_ARGON2_MEMORY_KIB must be >= {MIN_PRODUCTION_ARGON2_MEMORY_KIB}")
+        if errors:
+            raise ValueError(
+                "refusing to start in production: "
+                + "; ".join(errors)
+                + " (set AUTH_BOOTSTRAP_USERS / AUTH_BOOTSTRAP_CLIENTS to strong secrets, "
+                "or [] to create none)"
+            )
