@@ -1,0 +1,172 @@
+"""HTTP layer of the metadata service: thin routes over ``Repository``.
+
+Routes are plain ``def`` functions, so FastAPI runs them (and their blocking SQLAlchemy and file
+work) in its worker threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+
+from services.metadata.db import create_tables, make_engine
+from services.metadata.images import ImageStore
+from services.metadata.repository import Repository
+from services.metadata.schemas import (
+    CaptionsOut,
+    CollectionOut,
+    CollectionsOut,
+    FilterOut,
+    FilterRequest,
+    IdsRequest,
+    ItemOut,
+    ItemsOut,
+    StatusUpdate,
+)
+from services.metadata.settings import MetadataSettings
+from shared.app import build_app
+from shared.problems import PayloadTooLarge
+
+# Room for the form fields around the image (captions, attributes, multipart framing).
+_FORM_OVERHEAD = 1024 * 1024
+
+
+def _repository(request: Request) -> Repository:
+    return request.app.state.repository
+
+
+Repo = Annotated[Repository, Depends(_repository)]
+
+
+class _UploadRoute(APIRoute):
+    """Refuses an upload whose declared Content-Length is already too large, before FastAPI
+    spools the whole multipart body to disk. The exact limit is enforced on the image itself."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def limited(request: Request) -> Response:
+            max_bytes = request.app.state.settings.max_image_bytes
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_bytes + _FORM_OVERHEAD:
+                raise PayloadTooLarge(
+                    f"the upload is larger than the {max_bytes}-byte image limit allows",
+                    code="image_too_large",
+                )
+            return await handler(request)
+
+        return limited
+
+
+uploads = APIRouter(route_class=_UploadRoute)
+router = APIRouter()
+
+
+@uploads.post("/items", status_code=201)
+def create_item(
+    repo: Repo,
+    collection: Annotated[str, Form()],
+    image: Annotated[UploadFile, File()],
+    caption: Annotated[list[str] | None, Form()] = None,
+    attributes: Annotated[str | None, Form(description="JSON object of scalar values")] = None,
+) -> ItemOut:
+    # One byte past the limit is enough to know the image is too large.
+    data = image.file.read(repo.settings.max_image_bytes + 1)
+    return repo.create_item(collection, caption or [], attributes, data)
+
+
+@router.get("/items/{item_id}")
+def get_item(repo: Repo, item_id: int) -> ItemOut:
+    return repo.get_item(item_id)
+
+
+@router.get("/items/{item_id}/image", response_class=Response)
+def get_item_image(repo: Repo, item_id: int, request: Request) -> Response:
+    stored = repo.image(item_id)
+    # The file is named by its hash, so the hash is a strong validator of its bytes.
+    etag = f'"{stored.sha256}"'
+    headers = {"ETag": etag, "X-Content-Type-Options": "nosniff"}
+    client_tags = {
+        tag.strip().removeprefix("W/")
+        for tag in request.headers.get("if-none-match", "").split(",")
+    }
+    if etag in client_tags or "*" in client_tags:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(stored.path, media_type=stored.content_type, headers=headers)
+
+
+@router.patch("/items/{item_id}")
+def update_item(repo: Repo, item_id: int, body: StatusUpdate) -> ItemOut:
+    return repo.set_status(item_id, body.status)
+
+
+@router.delete("/items/{item_id}", status_code=204, response_class=Response)
+def delete_item(repo: Repo, item_id: int) -> Response:
+    repo.delete_item(item_id)
+    return Response(status_code=204)
+
+
+@router.post("/items/lookup")
+def lookup_items(repo: Repo, body: IdsRequest) -> ItemsOut:
+    return ItemsOut(items=repo.lookup_items(body.ids))
+
+
+@router.post("/captions/lookup")
+def lookup_captions(repo: Repo, body: IdsRequest) -> CaptionsOut:
+    return CaptionsOut(captions=repo.lookup_captions(body.ids))
+
+
+@router.get("/collections")
+def list_collections(repo: Repo) -> CollectionsOut:
+    return CollectionsOut(collections=repo.list_collections())
+
+
+@router.get("/collections/{collection}")
+def get_collection(repo: Repo, collection: str) -> CollectionOut:
+    return repo.get_collection(collection)
+
+
+@router.post("/collections/{collection}/filter")
+def filter_collection(repo: Repo, collection: str, body: FilterRequest) -> FilterOut:
+    return repo.filter_items(collection, body.filters)
+
+
+def create_app(settings: MetadataSettings | None = None) -> FastAPI:
+    settings = settings or MetadataSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        try:
+            await run_in_threadpool(create_tables, engine)
+            images = await run_in_threadpool(ImageStore, settings.image_dir)
+            repository = Repository(engine, images, settings)
+            await run_in_threadpool(repository.refresh_gauge)
+            app.state.repository = repository
+            yield
+        finally:
+            engine.dispose()
+
+    async def readiness(app: FastAPI) -> str | None:
+        repository: Repository | None = getattr(app.state, "repository", None)
+        if repository is None:
+            return "the database is not set up yet"
+        await run_in_threadpool(repository.ping)
+        return None
+
+    app = build_app(
+        "metadata",
+        lifespan=lifespan,
+        readiness=readiness,
+        description="Collections, items, captions and their images; attribute filters.",
+    )
+    app.state.settings = settings
+    app.include_router(uploads)
+    app.include_router(router)
+    return app

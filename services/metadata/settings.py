@@ -1,0 +1,24 @@
+"""Settings of the metadata service (environment prefix ``METADATA_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class MetadataSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="METADATA_", extra="ignore", frozen=True)
+
+    port: int = Field(8004, ge=1, le=65535)
+    # Any SQLAlchemy URL; SQLite and PostgreSQL (postgresql+psycopg://...) are supported.
+    database_url: str = "sqlite:///var/metadata/metadata.db"
+    image_dir: Path = Path("var/metadata/images")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    # Checked from the image header before anything is decoded (decompression bombs).
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_captions: int = Field(32, ge=0)
+    max_caption_chars: int = Field(1000, ge=1)

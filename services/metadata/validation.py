@@ -1,0 +1,127 @@
+"""Checks of client input: collection names, captions, attributes and filters. Each failure is
+a 422 problem with its own ``code`` so callers can tell what to fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Final
+
+from shared.problems import Unprocessable
+
+COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Keys end up inside a JSON path on SQLite ($."key"); a quote or backslash there would change
+# the path's meaning, so keys are limited to a safe, ordinary alphabet.
+ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")
+MAX_ATTRIBUTES: Final = 64
+MAX_ATTRIBUTE_CHARS: Final = 1000
+MAX_FILTER_VALUES: Final = 1000
+# SQLite stores JSON integers as signed 64-bit; larger ones would silently become floats.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+Scalar = str | int | float | bool | None
+
+
+def is_collection_name(name: str) -> bool:
+    return COLLECTION_NAME.fullmatch(name) is not None
+
+
+def check_collection_name(name: str) -> str:
+    if not is_collection_name(name):
+        raise Unprocessable(
+            "collection names match ^[a-z0-9][a-z0-9_-]{0,63}$", code="invalid_collection"
+        )
+    return name
+
+
+def check_captions(captions: list[str], *, max_captions: int, max_chars: int) -> list[str]:
+    """Captions with surrounding whitespace removed; blank or too-long ones are refused."""
+    if len(captions) > max_captions:
+        raise Unprocessable(
+            f"an item has at most {max_captions} captions, got {len(captions)}",
+            code="too_many_captions",
+        )
+    cleaned = []
+    for index, caption in enumerate(captions):
+        text = caption.strip()
+        if not text:
+            raise Unprocessable(f"caption {index} is blank", code="invalid_caption")
+        if len(text) > max_chars:
+            raise Unprocessable(
+                f"caption {index} is longer than {max_chars} characters", code="invalid_caption"
+            )
+        cleaned.append(text)
+    return cleaned
+
+
+def _scalar_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be an attribute value, or None if it can."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if _INT64_MIN <= value <= _INT64_MAX else "integers must fit in 64 bits"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "numbers must be finite"
+    if isinstance(value, str):
+        if len(value) > MAX_ATTRIBUTE_CHARS:
+            return f"strings are at most {MAX_ATTRIBUTE_CHARS} characters"
+        return None
+    return "values must be a string, number, boolean or null"
+
+
+def parse_attributes(raw: str | None) -> dict[str, Scalar]:
+    """The ``attributes`` form field: a JSON object of flat scalar values (absent means {})."""
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise Unprocessable("attributes is not valid JSON", code="invalid_attributes") from None
+    if not isinstance(value, dict):
+        raise Unprocessable("attributes must be a JSON object", code="invalid_attributes")
+    if len(value) > MAX_ATTRIBUTES:
+        raise Unprocessable(
+            f"at most {MAX_ATTRIBUTES} attributes per item", code="invalid_attributes"
+        )
+    for key, item in value.items():
+        if not ATTRIBUTE_KEY.fullmatch(key):
+            raise Unprocessable(
+                f"attribute key {key[:80]!r} must match {ATTRIBUTE_KEY.pattern}",
+                code="invalid_attributes",
+            )
+        problem = _scalar_problem(item)
+        if problem:
+            raise Unprocessable(f"attribute {key!r}: {problem}", code="invalid_attributes")
+    return value
+
+
+def parse_filters(raw: Any) -> dict[str, list[Scalar]]:
+    """``{attribute: value | [values]}`` → ``{attribute: [values]}``; null or absent means {}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise Unprocessable("filters must be a JSON object", code="invalid_filter")
+    parsed: dict[str, list[Scalar]] = {}
+    total = 0
+    for key, spec in raw.items():
+        if not ATTRIBUTE_KEY.fullmatch(key):
+            raise Unprocessable(
+                f"filter key {key[:80]!r} must match {ATTRIBUTE_KEY.pattern}",
+                code="invalid_filter",
+            )
+        values = spec if isinstance(spec, list) else [spec]
+        if not values:
+            # "one of no values" is almost certainly a caller bug; say so rather than match nothing.
+            raise Unprocessable(f"filter {key!r} lists no values", code="invalid_filter")
+        for value in values:
+            problem = _scalar_problem(value)
+            if problem:
+                raise Unprocessable(f"filter {key!r}: {problem}", code="invalid_filter")
+        total += len(values)
+        parsed[key] = values
+    if total > MAX_FILTER_VALUES:
+        raise Unprocessable(
+            f"filters list at most {MAX_FILTER_VALUES} values in all", code="invalid_filter"
+        )
+    return parsed
