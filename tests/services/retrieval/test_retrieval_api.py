@@ -1,0 +1,279 @@
+"""In-process API tests: the routes, their problem bodies, metrics and the lifespan."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from services.retrieval import wal
+from services.retrieval.app import create_app
+from services.retrieval.settings import RetrievalSettings
+
+MakeVectors = Callable[[int, int], np.ndarray]
+DIM = 8
+MODEL = "clip-test"
+
+
+def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json()
+        time.sleep(0.01)
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> RetrievalSettings:
+    return RetrievalSettings(data_dir=tmp_path, max_batch=16, **overrides)
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(settings_for(tmp_path))) as c:
+        wait_ready(c)
+        yield c
+
+
+def upsert(
+    client: TestClient,
+    collection: str,
+    ids: list[int],
+    vectors: np.ndarray | list[list[float]],
+    *,
+    modality: str = "image",
+    model_id: str = MODEL,
+) -> Any:
+    rows = vectors.tolist() if isinstance(vectors, np.ndarray) else vectors
+    return client.post(
+        f"/collections/{collection}/upsert",
+        json={"modality": modality, "model_id": model_id, "ids": ids, "vectors": rows},
+    )
+
+
+def search(client: TestClient, collection: str, vectors: np.ndarray, **fields: Any) -> Any:
+    body = {"modality": "image", "vectors": vectors.tolist(), "top_k": 3, **fields}
+    return client.post(f"/collections/{collection}/search", json=body)
+
+
+def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["code"] == code
+    assert body["type"].endswith(code) and body["detail"] and body["instance"]
+    return body
+
+
+def test_upsert_search_and_describe(client: TestClient, unit_vectors: MakeVectors) -> None:
+    vectors = unit_vectors(5, DIM)
+    response = upsert(client, "photos", [10, 11, 12, 13, 14], vectors)
+    assert response.status_code == 200
+    assert response.json() == {"upserted": 5, "count": 5}
+    assert upsert(client, "photos", [20, 21], unit_vectors(2, DIM), modality="text").json() == {
+        "upserted": 2,
+        "count": 2,
+    }
+
+    response = search(client, "photos", vectors[[2, 4]], top_k=2, model_id=MODEL)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [hits[0]["id"] for hits in results] == [12, 14]
+    assert results[0][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert len(results[0]) == 2 and results[0][0]["score"] >= results[0][1]["score"]
+
+    allowed = search(client, "photos", vectors[[2]], top_k=3, allow_ids=[10, 11, 999])
+    assert {hit["id"] for hit in allowed.json()["results"][0]} == {10, 11}
+
+    info = {"name": "photos", "model_id": MODEL, "dim": DIM, "counts": {"image": 5, "text": 2}}
+    assert client.get("/collections/photos").json() == info
+    assert client.get("/collections").json() == {"collections": [info]}
+
+
+def test_upsert_replaces_and_delete_removes(client: TestClient, unit_vectors: MakeVectors) -> None:
+    first, second = unit_vectors(1, DIM), unit_vectors(1, DIM)
+    upsert(client, "c", [1], first)
+    assert upsert(client, "c", [1], second).json() == {"upserted": 1, "count": 1}
+    hit = search(client, "c", second).json()["results"][0][0]
+    assert hit["id"] == 1 and hit["score"] == pytest.approx(1.0, abs=1e-5)
+
+    upsert(client, "c", [1, 2], unit_vectors(2, DIM), modality="text")
+    response = client.post("/collections/c/delete", json={"ids": [1, 3], "modality": "text"})
+    assert response.json() == {"deleted": 1}
+    assert client.get("/collections/c").json()["counts"] == {"image": 1, "text": 1}
+    # modality null: every modality; unknown ids are ignored.
+    response = client.post("/collections/c/delete", json={"ids": [1, 2, 3]})
+    assert response.json() == {"deleted": 2}
+    assert client.get("/collections/c").json()["counts"] == {"image": 0, "text": 0}
+
+
+def test_empty_modality_gives_empty_results(client: TestClient, unit_vectors: MakeVectors) -> None:
+    upsert(client, "c", [1], unit_vectors(1, DIM))
+    response = search(client, "c", unit_vectors(2, DIM), modality="text")
+    assert response.json() == {"results": [[], []]}
+
+
+def test_unknown_collection_is_404(client: TestClient, unit_vectors: MakeVectors) -> None:
+    assert_problem(search(client, "nope", unit_vectors(1, DIM)), 404, "collection_not_found")
+    response = client.post("/collections/nope/delete", json={"ids": [1]})
+    assert_problem(response, 404, "collection_not_found")
+    assert_problem(client.get("/collections/nope"), 404, "collection_not_found")
+
+
+def test_other_model_is_409(client: TestClient, unit_vectors: MakeVectors) -> None:
+    upsert(client, "c", [1], unit_vectors(1, DIM))
+    response = upsert(client, "c", [2], unit_vectors(1, DIM), model_id="other")
+    body = assert_problem(response, 409, "model_mismatch")
+    assert "other" in body["detail"]
+    # Checked before the dimension: vectors of another model are what the caller needs to know.
+    response = search(client, "c", unit_vectors(1, DIM + 1), model_id="other")
+    assert_problem(response, 409, "model_mismatch")
+    assert client.get("/collections/c").json()["counts"]["image"] == 1
+
+
+def test_dimension_mismatch_is_422(client: TestClient, unit_vectors: MakeVectors) -> None:
+    upsert(client, "c", [1], unit_vectors(1, DIM))
+    assert_problem(upsert(client, "c", [2], unit_vectors(1, DIM + 2)), 422, "dimension_mismatch")
+    assert_problem(search(client, "c", unit_vectors(1, DIM - 1)), 422, "dimension_mismatch")
+    ragged = [[1.0] * DIM, [1.0] * (DIM - 1)]
+    assert_problem(upsert(client, "c", [2, 3], ragged), 422, "dimension_mismatch")
+    assert client.get("/collections/c").json()["counts"]["image"] == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ids": [1, 2]},  # two ids, one vector
+        {"ids": [1, 1], "vectors": [[1.0] * DIM, [0.5] * DIM]},  # duplicate ids
+        {"ids": ["1"]},
+        {"ids": [1.0]},
+        {"ids": [-1]},
+        {"ids": [2**63]},
+        {"ids": []},
+        {"modality": "audio"},
+        {"model_id": ""},
+        {"vectors": [[1.0] * (DIM - 1) + ["x"]]},
+        {"vectors": [[]]},
+    ],
+)
+def test_invalid_upsert_is_422(client: TestClient, change: dict[str, Any]) -> None:
+    body = {"modality": "image", "model_id": MODEL, "ids": [1], "vectors": [[1.0] * DIM]}
+    response = client.post("/collections/c/upsert", json={**body, **change})
+    problem = assert_problem(response, 422, "validation_error")
+    assert problem["errors"]
+    assert_problem(client.get("/collections/c"), 404, "collection_not_found")  # not created
+
+
+def test_non_finite_components_are_422(client: TestClient) -> None:
+    for value in ("NaN", "Infinity", "1e39"):  # 1e39 is finite as a double, not as float32
+        content = (
+            '{"modality": "image", "model_id": "m", "ids": [1], "vectors": [[' + value + ", 1.0]]}"
+        )
+        response = client.post(
+            "/collections/c/upsert", content=content, headers={"content-type": "application/json"}
+        )
+        assert_problem(response, 422, "validation_error")
+    assert_problem(client.get("/collections/c"), 404, "collection_not_found")
+
+
+def test_invalid_search_is_422(client: TestClient, unit_vectors: MakeVectors) -> None:
+    upsert(client, "c", [1], unit_vectors(1, DIM))
+    query = unit_vectors(1, DIM)
+    assert_problem(search(client, "c", query, top_k=0), 422, "validation_error")
+    assert_problem(search(client, "c", query, top_k=1001), 422, "validation_error")
+    assert search(client, "c", query, top_k=1000).status_code == 200
+    assert_problem(search(client, "c", query, allow_ids=["a"]), 422, "validation_error")
+    assert_problem(search(client, "c", np.zeros((1, DIM))), 422, "zero_vector")
+
+
+@pytest.mark.parametrize("name", ["Photos", "-photos", "a" * 65, "a.b", "caf%C3%A9"])
+def test_invalid_collection_name_is_422(
+    client: TestClient, unit_vectors: MakeVectors, name: str
+) -> None:
+    assert_problem(upsert(client, name, [1], unit_vectors(1, DIM)), 422, "validation_error")
+    assert_problem(client.get(f"/collections/{name}"), 422, "validation_error")
+
+
+def test_longest_valid_collection_name(client: TestClient, unit_vectors: MakeVectors) -> None:
+    name = "a" + "b_-9" * 15 + "xyz"
+    assert len(name) == 64
+    assert upsert(client, name, [1], unit_vectors(1, DIM)).status_code == 200
+
+
+def test_batches_over_the_limit_are_413(client: TestClient, unit_vectors: MakeVectors) -> None:
+    response = upsert(client, "c", list(range(17)), unit_vectors(17, DIM))
+    assert_problem(response, 413, "batch_too_large")
+    assert upsert(client, "c", list(range(16)), unit_vectors(16, DIM)).status_code == 200
+    assert_problem(search(client, "c", unit_vectors(17, DIM)), 413, "batch_too_large")
+
+
+def test_metrics(client: TestClient, unit_vectors: MakeVectors) -> None:
+    upsert(client, "metrics-c", [1, 2, 3], unit_vectors(3, DIM))
+    search(client, "metrics-c", unit_vectors(1, DIM))
+    text = client.get("/metrics").text
+    assert 'retrieval_vectors{collection="metrics-c",modality="image"} 3.0' in text
+    assert 'retrieval_vectors{collection="metrics-c",modality="text"} 0.0' in text
+    wal_line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith('retrieval_wal_bytes{collection="metrics-c"}')
+    )
+    assert float(wal_line.split()[-1]) > 3 * DIM * 4
+    assert "retrieval_search_seconds_count" in text
+    assert "retrieval_snapshot_seconds_count" in text
+
+
+def test_restart_keeps_everything_and_snapshots_on_shutdown(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    vectors = unit_vectors(4, DIM)
+    with TestClient(create_app(settings_for(tmp_path))) as c:
+        wait_ready(c)
+        upsert(c, "c", [1, 2, 3, 4], vectors)
+        c.post("/collections/c/delete", json={"ids": [2]})
+    assert (tmp_path / "c" / "snapshot.npz").exists()
+    assert wal.generations(tmp_path / "c") == [2]
+    with TestClient(create_app(settings_for(tmp_path))) as c:
+        wait_ready(c)
+        assert c.get("/collections/c").json()["counts"] == {"image": 3, "text": 0}
+        results = search(c, "c", vectors, top_k=1).json()["results"]
+        best = [hits[0]["id"] for hits in results]
+        assert best[0] == 1 and best[2:] == [3, 4]
+        assert best[1] in {1, 3, 4}  # id 2 was deleted before the restart
+
+
+def test_snapshot_runs_after_snapshot_every_writes(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    with TestClient(create_app(settings_for(tmp_path, snapshot_every=2))) as c:
+        wait_ready(c)
+        upsert(c, "c", [1], unit_vectors(1, DIM))
+        assert not (tmp_path / "c" / "snapshot.npz").exists()
+        upsert(c, "c", [2], unit_vectors(1, DIM))
+        # The background task runs after the response, before TestClient returns.
+        assert (tmp_path / "c" / "snapshot.npz").exists()
+        assert wal.generations(tmp_path / "c") == [2]
+
+
+def test_not_ready_when_a_log_is_damaged(tmp_path: Path, unit_vectors: MakeVectors) -> None:
+    with TestClient(create_app(settings_for(tmp_path))) as c:
+        wait_ready(c)
+        upsert(c, "c", [1], unit_vectors(1, DIM))
+        upsert(c, "c", [2], unit_vectors(1, DIM))
+    snapshot_gen = wal.generations(tmp_path / "c")[-1]
+    log_file = wal.wal_path(tmp_path / "c", snapshot_gen)
+    record = wal.encode(wal.Upsert("image", np.array([3]), unit_vectors(1, DIM)))
+    damaged = bytearray(record)
+    damaged[12] ^= 0xFF
+    log_file.write_bytes(bytes(damaged) + record)  # damage followed by an intact record
+    with TestClient(create_app(settings_for(tmp_path))) as c:
+        deadline = time.monotonic() + 10
+        while (body := c.get("/readyz").json()).get("detail") == "collections are loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert body["status"] == 503 and "invalid record" in body["detail"]
+        assert_problem(c.get("/collections"), 503, "not_ready")
+    assert log_file.read_bytes() == bytes(damaged) + record  # left alone for an operator
