@@ -10,11 +10,11 @@ import time
 
 import httpx
 import jwt
-from conftest import assert_problem, get_token
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from crossmodal.stack import LocalStack
+from tests.integration.support import assert_problem, get_token
 
 QUERY = {"query": "a red circle", "collection": "shapes"}
 

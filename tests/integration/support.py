@@ -1,0 +1,75 @@
+"""Helpers of the end-to-end tests: tokens, item uploads, problem-body checks."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from typing import Any
+
+import httpx
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+DEMO_USER = ("demo", "demo-password")
+ALL_SCOPES = "search:text search:image items:read items:write admin"
+SHAPES_COLLECTION = "shapes"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def get_token(gateway: httpx.Client, scope: str = ALL_SCOPES) -> str:
+    response = gateway.post(
+        "/auth/token",
+        data={
+            "grant_type": "password",
+            "username": DEMO_USER[0],
+            "password": DEMO_USER[1],
+            "scope": scope,
+        },
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["access_token"]
+
+
+def add_item(
+    gateway: httpx.Client,
+    auth: dict[str, str],
+    image: bytes,
+    *,
+    collection: str,
+    captions: list[str],
+    attributes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"collection": collection, "caption": captions}
+    if attributes is not None:
+        data["attributes"] = json.dumps(attributes)
+    response = gateway.post(
+        "/items", headers=auth, data=data, files={"image": ("item.png", image, "image/png")}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status
+    assert body["code"] == code, body
+    assert body["detail"]
+    return body
