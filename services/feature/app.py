@@ -162,7 +162,7 @@ def create_app(
                 partial(
                     TransformersEmbedder.load,
                     settings.model,
-                    model_id=settings.resolved_model_id,
+                    model_id=settings.model_id,
                     device=settings.device,
                     torch_threads=settings.torch_threads,
                     batch_size=settings.max_batch,

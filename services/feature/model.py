@@ -7,6 +7,7 @@ CPU). Texts longer than the model's context are truncated, and reported as such.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -155,7 +156,7 @@ class TransformersEmbedder:
             model,
             tokenizer,
             image_processor,
-            model_id=model_id or name,
+            model_id=model_id or default_model_id(name),
             device=device,
             batch_size=batch_size,
         )
@@ -252,3 +253,20 @@ def _image_size(config: Any, image_processor: Any) -> int:
         return size
     crop = getattr(image_processor, "crop_size", None) or {}
     return int(crop.get("height", 224))
+
+
+def default_model_id(name: str) -> str:
+    """A hub name stands for itself. A local folder is named by its weights' content, not its
+    path: the same checkpoint mounted elsewhere keeps its id, and retrained weights get a new one,
+    so vectors of two trainings are never mixed."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    digest = hashlib.sha256()
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    for path in weights or [folder / "config.json"]:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return f"{folder.resolve().name}@{digest.hexdigest()[:12]}"

@@ -18,7 +18,7 @@ class FeatureSettings(ServiceSettings):
     # A hub name (openai/clip-vit-base-patch32) or a local folder saved with save_pretrained.
     model: str = "var/demo/model"
     # The name vectors are tagged with; retrieval refuses to mix vectors of different ids.
-    # Defaults to `model` as given.
+    # Defaults to the hub name, or for a local folder its name and a hash of its weights.
     model_id: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(2, ge=1, le=256)
@@ -28,7 +28,3 @@ class FeatureSettings(ServiceSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_batch: int = Field(64, ge=1, le=1024)
     max_texts: int = Field(256, ge=1, le=4096)
-
-    @property
-    def resolved_model_id(self) -> str:
-        return self.model_id or self.model

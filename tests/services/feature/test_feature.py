@@ -17,7 +17,7 @@ from PIL import Image
 
 from crossmodal.demo.shapes import demo_collection, render
 from services.feature.app import create_app
-from services.feature.model import ModelLoadError, TransformersEmbedder
+from services.feature.model import ModelLoadError, TransformersEmbedder, default_model_id
 from services.feature.settings import FeatureSettings
 
 MODEL_ID = "demo-tiny-clip"
@@ -316,7 +316,7 @@ def test_metrics(client: TestClient) -> None:
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = FeatureSettings()
     assert defaults.port == 8002 and defaults.model == "var/demo/model"
-    assert defaults.resolved_model_id == "var/demo/model"
+    assert defaults.model_id is None
     assert (defaults.torch_threads, defaults.max_batch, defaults.max_texts) == (2, 64, 256)
     assert defaults.max_image_bytes == 20 * 1024 * 1024 and defaults.max_image_pixels == 40_000_000
     monkeypatch.setenv("FEATURE_PORT", "9102")
@@ -325,7 +325,18 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEATURE_DEVICE", "cpu")
     settings = FeatureSettings()
     assert settings.port == 9102 and settings.device == "cpu"
-    assert settings.resolved_model_id == "clip-b32"
+    assert settings.model_id == "clip-b32"
+
+
+def test_default_model_id_follows_the_weights_not_the_path(
+    tmp_path: Path, random_model_dir: Path, demo_model_dir: Path
+) -> None:
+    assert default_model_id("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
+    copy = tmp_path / "model"
+    shutil.copytree(random_model_dir, copy)
+    assert default_model_id(str(copy)) == default_model_id(str(random_model_dir))
+    assert default_model_id(str(copy)).startswith("model@")
+    assert default_model_id(str(demo_model_dir)) != default_model_id(str(random_model_dir))
 
 
 def test_unloadable_models_fail_loudly(tmp_path: Path, random_model_dir: Path) -> None:
