@@ -1,8 +1,7 @@
 """Safe image decoding: untrusted bytes in, an RGB Pillow image out, or a problem.
 
-Guards, in order: the byte size (413), the pixel count read from the header before any pixel
-is decoded (413; defeats decompression bombs: a few KB of PNG can claim gigapixels), a structural
-``verify()`` (422), then a full decode. The result is upright (EXIF orientation applied), the first
+The checks of ``shared.images`` come first (size, format, pixel count, structure), then a full
+decode. The result is upright (EXIF orientation applied), the first
 frame of an animation, and RGB whatever the source mode: transparency is flattened onto white,
 16-bit and float greyscale are scaled to 8 bits rather than clipped.
 """
@@ -15,27 +14,11 @@ import logging
 import numpy as np
 from PIL import Image, ImageOps
 
-from shared.problems import PayloadTooLarge, Unprocessable
+from shared.images import ALLOWED_FORMATS, inspect_image, invalid, too_large
 
 log = logging.getLogger(__name__)
 
-# Raster formats photos and web images come in. Anything else (EPS would run Ghostscript, for
-# one) is refused before a decoder sees it.
-_SAFE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")
-Image.init()
-ALLOWED_FORMATS: tuple[str, ...] = tuple(f for f in _SAFE_FORMATS if f in Image.OPEN)
-
-INVALID_IMAGE = "invalid_image"
-IMAGE_TOO_LARGE = "image_too_large"
 _BACKGROUND = (255, 255, 255)
-
-
-def too_large(detail: str) -> PayloadTooLarge:
-    return PayloadTooLarge(detail, code=IMAGE_TOO_LARGE)
-
-
-def invalid(detail: str) -> Unprocessable:
-    return Unprocessable(detail, code=INVALID_IMAGE)
 
 
 def decode_image(
@@ -45,42 +28,16 @@ def decode_image(
 
     Raises ``PayloadTooLarge`` (``image_too_large``) over ``max_bytes`` or ``max_pixels``, and
     ``Unprocessable`` (``invalid_image``) for anything that is not a decodable image."""
-    if len(data) > max_bytes:
-        raise too_large(f"{name} is {len(data)} bytes; the limit is {max_bytes}")
-    if not data:
-        raise invalid(f"{name} is empty")
+    inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=name)
     try:
-        _check_header(data, max_pixels, name)
+        # verify() left the first handle unusable, hence a second open for the pixels.
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
             image.load()  # the first frame of an animation
             return to_rgb(_upright(image))
-    except (PayloadTooLarge, Unprocessable):
-        raise
     except Image.DecompressionBombError as exc:
         raise too_large(f"{name} has too many pixels: {exc}") from None
     except Exception as exc:  # Pillow signals bad data with many exception types
         raise invalid(f"{name} could not be decoded as an image ({type(exc).__name__})") from exc
-
-
-def _check_header(data: bytes, max_pixels: int, name: str) -> None:
-    # Image.open reads only the header; nothing is decompressed yet. Pillow itself refuses
-    # sizes over twice its global MAX_IMAGE_PIXELS (DecompressionBombError, handled above).
-    try:
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise invalid(f"{name} has no pixels")
-            if width * height > max_pixels:
-                raise too_large(
-                    f"{name} is {width}x{height} pixels; the limit is {max_pixels} pixels"
-                )
-            # verify() checks structure and checksums without decoding; the image is unusable
-            # afterwards, hence the second open in decode_image.
-            image.verify()
-    except Image.UnidentifiedImageError:
-        raise invalid(
-            f"{name} is not in a supported image format ({', '.join(ALLOWED_FORMATS)})"
-        ) from None
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -16,7 +16,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from services.gateway.cache import ResultCache
 from services.gateway.orchestrator import Backends, Orchestrator, Upload
 from services.gateway.schemas import (
-    COLLECTION_PATTERN,
     SearchResponse,
     Target,
     TextSearchRequest,
@@ -25,6 +24,7 @@ from services.gateway.schemas import (
 )
 from services.gateway.settings import GatewaySettings
 from shared.app import build_app
+from shared.collections import COLLECTION_NAME_PATTERN
 from shared.http import ServiceClient
 from shared.problems import PayloadTooLarge, ProblemError, UnsupportedMediaType
 from shared.tokens import Principal, TokenVerifier, bearer_token
@@ -209,7 +209,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         image: Annotated[UploadFile, File(description="The query image.")],
         top_k: Annotated[int, Form(ge=1, le=100)] = 10,
         target: Annotated[Target, Form()] = "text",
-        collection: Annotated[str, Form(pattern=COLLECTION_PATTERN)] = "demo",
+        collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
         filters: Annotated[str | None, Form(description="JSON object")] = None,
     ) -> dict[str, Any]:
         upload = await read_upload(image, max_upload)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.collections import COLLECTION_NAME_PATTERN, is_collection_name
 from shared.problems import Unprocessable
 
-COLLECTION_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 MAX_QUERY_CHARS = 1000
 
 Target = Literal["image", "text"]
@@ -25,7 +24,7 @@ class SearchOptions(BaseModel):
 
     top_k: int = Field(10, ge=1, le=100, description="Number of results, 1 to 100.")
     target: Target = Field("image", description="What to return: images or captions.")
-    collection: str = Field("demo", pattern=COLLECTION_PATTERN)
+    collection: str = Field("demo", pattern=COLLECTION_NAME_PATTERN)
     filters: Filters | None = Field(
         None,
         description="Attribute equality filters: {attribute: value} or {attribute: [values]}.",
@@ -84,7 +83,7 @@ def parse_filters_form(raw: str | None) -> Filters | None:
 
 
 def check_collection(name: str) -> str:
-    if not re.fullmatch(COLLECTION_PATTERN, name):
+    if not is_collection_name(name):
         raise Unprocessable(
             "collection names are 1-64 characters of a-z, 0-9, '_' and '-'",
             code="invalid_collection",

@@ -7,23 +7,15 @@ Files are named by the SHA-256 of their bytes under two levels of shard folders
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from shared.problems import PayloadTooLarge, Unprocessable
-
-# Only formats with a well-known MIME type that the feature service can decode. Naming them
-# also keeps Pillow from trying every plugin (EPS, for one, would run Ghostscript).
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+from shared.images import inspect_image
 
 
 @dataclass(frozen=True)
@@ -34,39 +26,9 @@ class CheckedImage:
 
 
 def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage:
-    """Accept ``data`` only if it is an image of an allowed format within the limits.
-
-    The content type comes from the detected format, never from what the client claimed.
-    """
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(f"the image is larger than {max_bytes} bytes", code="image_too_large")
-    if not data:
-        raise Unprocessable("the image is empty", code="invalid_image")
-    try:
-        with warnings.catch_warnings():
-            # Our own pixel limit applies below; Pillow's global one must not warn or raise first.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-                width, height = image.size
-                image_format = image.format
-                if width * height > max_pixels:
-                    raise Unprocessable(
-                        f"the image has {width}x{height} pixels, more than {max_pixels}",
-                        code="invalid_image",
-                    )
-                # verify() checks the structure (e.g. PNG chunk CRCs) without decoding pixels.
-                image.verify()
-    except Unprocessable:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
-        raise Unprocessable(
-            f"the upload is not a valid image (accepted formats: {', '.join(ALLOWED_FORMATS)})",
-            code="invalid_image",
-        ) from None
-    content_type = Image.MIME.get(image_format or "")
-    if content_type is None:
-        raise Unprocessable("the image format has no known content type", code="invalid_image")
-    return CheckedImage(data, hashlib.sha256(data).hexdigest(), content_type)
+    """Accept ``data`` only if it is an image of an allowed format within the limits."""
+    info = inspect_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name="the image")
+    return CheckedImage(data, hashlib.sha256(data).hexdigest(), info.content_type)
 
 
 class ImageStore:

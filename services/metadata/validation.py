@@ -8,9 +8,9 @@ import math
 import re
 from typing import Any, Final
 
+from shared.collections import COLLECTION_NAME_PATTERN, is_collection_name
 from shared.problems import Unprocessable
 
-COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Keys end up inside a JSON path on SQLite ($."key"); a quote or backslash there would change
 # the path's meaning, so keys are limited to a safe, ordinary alphabet.
 ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")
@@ -23,14 +23,10 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 Scalar = str | int | float | bool | None
 
 
-def is_collection_name(name: str) -> bool:
-    return COLLECTION_NAME.fullmatch(name) is not None
-
-
 def check_collection_name(name: str) -> str:
     if not is_collection_name(name):
         raise Unprocessable(
-            "collection names match ^[a-z0-9][a-z0-9_-]{0,63}$", code="invalid_collection"
+            f"collection names match {COLLECTION_NAME_PATTERN}", code="invalid_collection"
         )
     return name
 

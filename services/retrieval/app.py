@@ -26,18 +26,20 @@ from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import (
     INT64_MAX,
     MAX_DIM,
-    NAME_PATTERN,
     Collection,
     DimensionMismatch,
     Store,
 )
 from shared.app import build_app
+from shared.collections import COLLECTION_NAME_PATTERN
 from shared.problems import PayloadTooLarge, ServiceUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
 
 Modality = Literal["image", "text"]
-CollectionName = Annotated[str, Path(pattern=NAME_PATTERN, description="collection name")]
+CollectionName = Annotated[
+    str, Path(pattern=COLLECTION_NAME_PATTERN, description="collection name")
+]
 # Strict: "7", 7.0 and true are not ids; the range is int64 without the negatives (Faiss uses -1
 # for "no result").
 VectorId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]

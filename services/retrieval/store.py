@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import threading
 import time
@@ -29,12 +28,11 @@ import numpy as np
 
 from services.retrieval import wal
 from services.retrieval.wal import MODALITIES, Delete, Record, Upsert, WalWriter
+from shared.collections import COLLECTION_NAME_PATTERN, is_collection_name
 from shared.problems import Conflict, NotFound, ServiceUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-_NAME_RE = re.compile(NAME_PATTERN)
 INT64_MAX = 2**63 - 1
 MAX_DIM = 8192
 
@@ -770,7 +768,7 @@ class Store:
         for path in sorted(self.root.iterdir()):
             if path.name.startswith(_TMP_PREFIX):
                 shutil.rmtree(path)  # a creation interrupted by a crash, never acknowledged
-            elif path.is_dir() and _NAME_RE.match(path.name) and (path / _META).exists():
+            elif path.is_dir() and is_collection_name(path.name) and (path / _META).exists():
                 self._collections[path.name] = Collection.open(path, **self._options)
             else:
                 log.warning("ignoring %s in the data directory", path)
@@ -794,8 +792,8 @@ class Store:
 
     def get_or_create(self, name: str, model_id: str, dim: int) -> Collection:
         """The collection, created on first use; its model and dimension must match."""
-        if not _NAME_RE.match(name):
-            raise Unprocessable(f"collection names must match {NAME_PATTERN}")
+        if not is_collection_name(name):
+            raise Unprocessable(f"collection names must match {COLLECTION_NAME_PATTERN}")
         with self._lock:
             collection = self._collections.get(name)
             if collection is None:

@@ -478,7 +478,7 @@ def test_image_with_too_many_pixels(settings: MetadataSettings) -> None:
     limited = settings.model_copy(update={"max_image_pixels": 16})
     with TestClient(create_app(limited)) as client:
         assert create(client, image=png_bytes(size=(4, 4)))["content_type"] == "image/png"
-        assert_problem(upload(client, image=png_bytes(size=(4, 5))), 422, "invalid_image")
+        assert_problem(upload(client, image=png_bytes(size=(4, 5))), 413, "image_too_large")
 
 
 @pytest.mark.parametrize("name", ["Photos", "-photos", "a" * 65, "pho tos", "ph/otos", ""])
