@@ -1,23 +1,155 @@
 """The pieces every service's ``create_app()`` assembles: error handlers, request-id and metrics
-middleware, ``/healthz``, ``/readyz`` and ``/metrics``; and ``serve()`` for ``python -m``."""
+middleware, an access log line per request, ``/healthz``, ``/readyz`` and ``/metrics``; a
+request body size limit a service can opt into; and ``serve()`` for ``python -m``."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from http import HTTPStatus
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.logs import configure_logging
 from shared.metrics import RequestMiddleware, metrics_endpoint
-from shared.problems import install_problem_handlers, problem_response
+from shared.problems import (
+    PROBLEM_CONTENT_TYPE,
+    PROBLEM_TYPE_BASE,
+    install_problem_handlers,
+    problem_response,
+)
 from shared.settings import ServiceSettings
 
 # A readiness check returns None when ready, or a short reason when not.
 ReadinessCheck = Callable[[FastAPI], Awaitable[str | None]]
+
+access_log = logging.getLogger("access")
+# Probes and scrapes would drown the log; everything else gets one line.
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class AccessLogMiddleware:
+    """One log line per request (method, path, status, duration). It runs inside the request-id
+    middleware, so the line carries the request id: one search can be followed through the log
+    of every service it touched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in _QUIET_PATHS:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            # The path only: query strings could carry data that does not belong in logs.
+            access_log.info(
+                "%s %s %d %.1fms",
+                scope.get("method", ""),
+                scope.get("path", ""),
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` when a streamed body passes the limit; an HTTPException so the
+    framework's body parsing lets it through and the problem handler answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` (``max_json_bytes`` for JSON bodies) with a 413
+    problem: at once when ``Content-Length`` says so, else as soon as the streamed body passes
+    the limit, so an oversized upload is never read whole into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_json_bytes: int | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_json_bytes = max_json_bytes
+
+    def _limit(self, scope: Scope) -> int:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-type" and self.max_json_bytes is not None:
+                media = value.decode("latin-1").split(";")[0].strip().lower()
+                if media == "application/json" or media.endswith("+json"):
+                    return min(self.max_bytes, self.max_json_bytes)
+        return self.max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._limit(scope)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > limit:
+                    await _send_problem(scope, send, 413, "payload_too_large", BodyTooLarge(limit))
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_problem(
+    scope: Scope, send: Send, status: int, code: str, exc: StarletteHTTPException
+) -> None:
+    body = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": str(exc.detail),
+        "code": code,
+        "instance": scope.get("path", ""),
+    }
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                (b"content-length", str(len(payload)).encode()),
+                # The client may still be sending: tell it the connection will not be reused.
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
 
 
 def build_app(
@@ -27,9 +159,16 @@ def build_app(
     readiness: ReadinessCheck,
     version: str = "0.1.0",
     description: str = "",
+    middleware: Sequence[Middleware] = (),
 ) -> FastAPI:
+    """The service skeleton. ``middleware`` (outermost first) runs inside the request-id and
+    access-log middleware, so whatever it answers still carries a request id and is logged."""
     app = FastAPI(
-        title=f"crossmodal-{service}", version=version, description=description, lifespan=lifespan
+        title=f"crossmodal-{service}",
+        version=version,
+        description=description,
+        lifespan=lifespan,
+        middleware=[Middleware(AccessLogMiddleware), *middleware],
     )
     install_problem_handlers(app)
     app.add_middleware(RequestMiddleware, service=service)

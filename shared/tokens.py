@@ -1,23 +1,30 @@
-"""Access-token verification against the auth service's JWKS.
+"""Access-token verification: against the auth service's JWKS (the gateway) or a local key ring
+(the auth service itself), plus the revocation list both consult.
 
 Only asymmetric algorithms are accepted, and each key only with its own algorithm, so neither
 ``alg: none`` nor an HS256 token "signed" with a public key can pass. An unknown ``kid``
 triggers one JWKS refresh (at most once per ``min_refresh_interval``) to follow key rotation.
+A token must carry ``exp``, ``iat``, ``iss``, ``aud``, ``sub`` and ``jti``; ``nbf`` and ``iat``
+in the future are refused, so is a revoked ``jti`` or a token of a subject whose tokens were
+all revoked after it was issued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import jwt
 
 from shared.http import ServiceClient
-from shared.problems import Forbidden, ProblemError, Unauthorized
+from shared.problems import Forbidden, ProblemError, ServiceUnavailable, Unauthorized
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "EdDSA"})
 JWKS_PATH = "/.well-known/jwks.json"
+REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "jti")
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,8 @@ class Principal:
     subject: str
     scopes: frozenset[str]
     token_id: str | None = None
+    issued_at: int | None = None
+    expires_at: int | None = None
 
     def require(self, *scopes: str) -> None:
         missing = [s for s in scopes if s not in self.scopes]
@@ -36,21 +45,48 @@ class Principal:
             )
 
 
-class TokenVerifier:
+class KeySource(Protocol):
+    """Where the verification keys come from."""
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        """The key with this id, or None when there is none (after any refresh)."""
+        ...
+
+
+class RevocationCheck(Protocol):
+    async def check(self, principal: Principal) -> None:
+        """Raise a problem (``token_revoked``) when the principal's token is revoked."""
+        ...
+
+
+def parse_jwks(document: Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
+    """The usable keys of a JWKS by kid; key types or algorithms we do not accept are skipped."""
+    keys: dict[str, jwt.PyJWK] = {}
+    for entry in document.get("keys", []):
+        if not isinstance(entry, dict):
+            continue
+        try:
+            key = jwt.PyJWK.from_dict(entry)
+        except jwt.PyJWTError:
+            continue  # a key type we cannot use is skipped, not fatal
+        if entry.get("kid") and key.algorithm_name in ALLOWED_ALGORITHMS:
+            keys[entry["kid"]] = key
+    return keys
+
+
+class JwksKeySource:
+    """The auth service's JWKS over HTTP, cached for ``cache_seconds`` and refreshed at once
+    (rate-limited) when a token names a key id it does not know: that is how a rotated key is
+    picked up."""
+
     def __init__(
         self,
         auth: ServiceClient,
         *,
-        issuer: str,
-        audience: str,
-        leeway_seconds: float = 5.0,
         cache_seconds: float = 300.0,
         min_refresh_interval: float = 5.0,
     ) -> None:
         self._auth = auth
-        self.issuer = issuer
-        self.audience = audience
-        self.leeway = leeway_seconds
         self.cache_seconds = cache_seconds
         self.min_refresh_interval = min_refresh_interval
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -63,27 +99,50 @@ class TokenVerifier:
             if age < self.min_refresh_interval or (not force and age < self.cache_seconds):
                 return
             response = await self._auth.request("GET", JWKS_PATH)
-            keys: dict[str, jwt.PyJWK] = {}
-            for entry in response.json().get("keys", []):
-                try:
-                    key = jwt.PyJWK.from_dict(entry)
-                except jwt.PyJWTError:
-                    continue  # a key type we cannot use is skipped, not fatal
-                if entry.get("kid") and key.algorithm_name in ALLOWED_ALGORITHMS:
-                    keys[entry["kid"]] = key
-            self._keys = keys
+            self._keys = parse_jwks(response.json())
             self._fetched_at = time.monotonic()
 
-    async def _key_for(self, kid: str) -> jwt.PyJWK:
+    async def key(self, kid: str) -> jwt.PyJWK | None:
         await self._refresh(force=False)
         if kid not in self._keys:
             await self._refresh(force=True)
+        return self._keys.get(kid)
+
+
+class TokenVerifier:
+    def __init__(
+        self,
+        keys: ServiceClient | KeySource,
+        *,
+        issuer: str,
+        audience: str,
+        leeway_seconds: float = 5.0,
+        cache_seconds: float = 300.0,
+        min_refresh_interval: float = 5.0,
+        revocations: RevocationCheck | None = None,
+    ) -> None:
+        if isinstance(keys, ServiceClient):
+            keys = JwksKeySource(
+                keys, cache_seconds=cache_seconds, min_refresh_interval=min_refresh_interval
+            )
+        self._keys = keys
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway_seconds
+        self.revocations = revocations
+
+    async def _key_for(self, kid: str) -> jwt.PyJWK:
         try:
-            return self._keys[kid]
-        except KeyError:
-            raise Unauthorized(
-                "the token was signed by an unknown key", code="invalid_token"
-            ) from None
+            key = await self._keys.key(kid)
+        except ProblemError as exc:
+            raise ServiceUnavailable(
+                "token keys are unavailable: " + exc.detail,
+                code="auth_unavailable",
+                headers=exc.headers or {"Retry-After": "1"},
+            ) from exc
+        if key is None:
+            raise Unauthorized("the token was signed by an unknown key", code="invalid_token")
+        return key
 
     async def verify(self, token: str) -> Principal:
         try:
@@ -95,16 +154,7 @@ class TokenVerifier:
             raise Unauthorized(
                 "the token's algorithm or key id is not accepted", code="invalid_token"
             )
-        try:
-            key = await self._key_for(kid)
-        except ProblemError as exc:
-            if isinstance(exc, Unauthorized):
-                raise
-            raise type(exc)(
-                "token keys are unavailable: " + exc.detail,
-                code="auth_unavailable",
-                headers=exc.headers,
-            ) from exc
+        key = await self._key_for(kid)
         try:
             claims = jwt.decode(
                 token,
@@ -113,18 +163,27 @@ class TokenVerifier:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway,
-                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+                options={"require": list(REQUIRED_CLAIMS)},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("the token has expired", code="token_expired") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"the token is invalid: {exc}", code="invalid_token") from None
         scope = claims.get("scope", "")
-        if not isinstance(scope, str):
-            raise Unauthorized("the token's scope claim is not a string", code="invalid_token")
-        return Principal(
-            subject=str(claims["sub"]), scopes=frozenset(scope.split()), token_id=claims.get("jti")
+        if not isinstance(scope, str) or not isinstance(claims["jti"], str):
+            raise Unauthorized(
+                "the token's scope or jti claim is not a string", code="invalid_token"
+            )
+        principal = Principal(
+            subject=str(claims["sub"]),
+            scopes=frozenset(scope.split()),
+            token_id=claims["jti"],
+            issued_at=int(claims["iat"]),
+            expires_at=int(claims["exp"]),
         )
+        if self.revocations is not None:
+            await self.revocations.check(principal)
+        return principal
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -136,3 +195,46 @@ def bearer_token(authorization: str | None) -> str:
             "the Authorization header must be 'Bearer <token>'", code="invalid_token"
         )
     return token.strip()
+
+
+def token_revoked() -> Unauthorized:
+    return Unauthorized("the token has been revoked", code="token_revoked")
+
+
+@dataclass
+class RevocationSet:
+    """Revoked token ids and per-subject "not before" times, each kept until ``expires_at``
+    (when every token it could match has expired anyway).
+
+    The feed entries are ``{"jti", "expires_at"}`` or ``{"sub", "not_before", "expires_at"}``.
+    A subject entry revokes every token of that subject issued before ``not_before``.
+    """
+
+    jtis: dict[str, float] = field(default_factory=dict)
+    subjects: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def apply(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        for entry in entries:
+            expires_at = float(entry["expires_at"])
+            if "jti" in entry:
+                jti = str(entry["jti"])
+                self.jtis[jti] = max(expires_at, self.jtis.get(jti, 0.0))
+            elif "sub" in entry:
+                sub = str(entry["sub"])
+                not_before, old_expiry = self.subjects.get(sub, (0, 0.0))
+                self.subjects[sub] = (
+                    max(not_before, int(entry["not_before"])),
+                    max(old_expiry, expires_at),
+                )
+
+    def prune(self, now: float) -> None:
+        self.jtis = {k: v for k, v in self.jtis.items() if v > now}
+        self.subjects = {k: v for k, v in self.subjects.items() if v[1] > now}
+
+    def is_revoked(self, principal: Principal) -> bool:
+        if principal.token_id is not None and principal.token_id in self.jtis:
+            return True
+        entry = self.subjects.get(principal.subject)
+        return (
+            entry is not None and principal.issued_at is not None and principal.issued_at < entry[0]
+        )

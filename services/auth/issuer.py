@@ -20,12 +20,13 @@ class IssuedToken:
     expires_in: int
     scope: str
     jti: str
+    expires_at: int
 
 
 class TokenIssuer:
     def __init__(
         self,
-        keys: KeyRing,
+        keys: KeyRing | Callable[[], KeyRing],
         *,
         issuer: str,
         audience: str,
@@ -39,7 +40,9 @@ class TokenIssuer:
         self._clock = clock
 
     def issue(self, subject: str, scopes: Iterable[str]) -> IssuedToken:
-        key = self._keys.signing_key
+        # A callable is asked each time, so a rotated key signs from the next token on.
+        ring = self._keys() if callable(self._keys) else self._keys
+        key = ring.signing_key
         if key.private_key is None:  # KeyRing guarantees it; keeps the type checker honest
             raise RuntimeError("the signing key has no private key")
         now = int(self._clock())
@@ -59,5 +62,10 @@ class TokenIssuer:
             claims, key.private_key, algorithm=key.algorithm, headers={"kid": key.kid}
         )
         return IssuedToken(
-            subject=subject, access_token=token, expires_in=self.ttl_seconds, scope=scope, jti=jti
+            subject=subject,
+            access_token=token,
+            expires_in=self.ttl_seconds,
+            scope=scope,
+            jti=jti,
+            expires_at=now + self.ttl_seconds,
         )

@@ -40,8 +40,12 @@ class AuthFailure(StrEnum):
     DISABLED = "disabled"
 
 
+class PrincipalExists(ValueError):
+    """A principal with this name exists already."""
+
+
 class Base(DeclarativeBase):
-    pass
+    """All tables of the auth database (principals, refresh tokens, revocations, keys)."""
 
 
 def _utcnow() -> datetime:
@@ -145,14 +149,53 @@ class PrincipalStore:
                 return False
         return True
 
-    def set_disabled(self, name: str, disabled: bool) -> bool:
+    def create(
+        self, name: str, kind: PrincipalKind, secret: str, scopes: Iterable[str]
+    ) -> PrincipalRecord:
+        """Create a principal; ``PrincipalExists`` when the name is taken (by a user or a client:
+        they share one namespace)."""
+        if not self.create_if_absent(name, kind, secret, scopes):
+            raise PrincipalExists(name)
+        record = self.get(name)
+        assert record is not None
+        return record
+
+    def list_all(self) -> list[PrincipalRecord]:
+        with self._sessions() as session:
+            rows = session.scalars(select(PrincipalRow).order_by(PrincipalRow.name))
+            return [_record(row) for row in rows]
+
+    def update(
+        self,
+        name: str,
+        *,
+        scopes: Iterable[str] | None = None,
+        disabled: bool | None = None,
+        secret: str | None = None,
+    ) -> tuple[PrincipalRecord, PrincipalRecord] | None:
+        """Change what is given; returns (before, after), or None when there is no such name."""
+        new_scopes = None if scopes is None else frozenset(scopes)
+        if new_scopes is not None:
+            unknown = unknown_scopes(new_scopes)
+            if unknown:
+                raise ValueError(f"unknown scope(s): {format_scopes(unknown)}")
+        new_hash = None if secret is None else self._hasher.hash(secret)
         with self._sessions() as session:
             row = session.scalar(select(PrincipalRow).where(PrincipalRow.name == name))
             if row is None:
-                return False
-            row.disabled = disabled
+                return None
+            before = _record(row)
+            if new_scopes is not None:
+                row.scopes = format_scopes(new_scopes)
+            if disabled is not None:
+                row.disabled = disabled
+            if new_hash is not None:
+                row.secret_hash = new_hash
             session.commit()
-        return True
+            return before, _record(row)
+
+    def set_disabled(self, name: str, disabled: bool) -> bool:
+        return self.update(name, disabled=disabled) is not None
 
     def authenticate(
         self, name: str, secret: str, kind: PrincipalKind

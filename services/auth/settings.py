@@ -19,6 +19,8 @@ MIN_PRODUCTION_ARGON2_MEMORY_KIB = 19 * 1024
 # User names and client ids: printable, no spaces or colons (a colon would break HTTP Basic).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 MAX_SECRET_LENGTH = 1024
+# Secrets set through the admin API or command, in every environment.
+MIN_ADMIN_SECRET_LENGTH = 12
 
 
 def _known_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
@@ -87,6 +89,15 @@ class AuthSettings(ServiceSettings):
     issuer: str = "crossmodal-auth"
     audience: str = "crossmodal-gateway"
     access_token_ttl_seconds: int = Field(900, ge=30, le=86400)
+    # Users get a refresh token with each password login, rotated on every use; a family of
+    # rotated tokens ends after the maximum lifetime however often it was refreshed.
+    refresh_token_ttl_seconds: int = Field(14 * 86400, ge=60, le=90 * 86400)
+    refresh_token_max_lifetime_seconds: int = Field(30 * 86400, ge=60, le=365 * 86400)
+    # How long a retired signing key stays in the JWKS; None: the access-token lifetime plus
+    # a 5-minute margin, so every token it signed expires before it is withdrawn.
+    key_retention_seconds: int | None = Field(None, ge=60)
+    # How often the key file is checked for a new key (a rotation or a swapped secret).
+    key_check_interval_seconds: float = Field(1.0, gt=0, le=300)
     # JSON lists in the environment, e.g.
     # AUTH_BOOTSTRAP_USERS='[{"username": "alice", "password": "…", "scopes": ["search:text"]}]'.
     # The default (the "demo" user) is refused in production: set real users, or [] for none.
@@ -103,9 +114,23 @@ class AuthSettings(ServiceSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"bootstrap user/client names must be unique: {', '.join(duplicates)}")
+        if (
+            self.key_retention_seconds is not None
+            and self.key_retention_seconds < self.access_token_ttl_seconds
+        ):
+            raise ValueError(
+                "AUTH_KEY_RETENTION_SECONDS must be at least AUTH_ACCESS_TOKEN_TTL_SECONDS, or "
+                "tokens signed by a retired key would stop verifying before they expire"
+            )
         if self.is_production:
             self._check_production()
         return self
+
+    @property
+    def effective_key_retention_seconds(self) -> int:
+        if self.key_retention_seconds is not None:
+            return self.key_retention_seconds
+        return self.access_token_ttl_seconds + 300
 
     def _check_production(self) -> None:
         secrets = [(f"user {u.username!r}", u.password) for u in self.bootstrap_users]

@@ -1,20 +1,30 @@
-"""HTTP layer of the gateway: authentication, validation and routing; the work is in
-``orchestrator``."""
+"""HTTP layer of the gateway: routing, validation and the policies around each request
+(``security``: tokens, scopes, rate limits; the per-request time budget; CORS; body size limits).
+The work is in ``orchestrator``."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import redis.asyncio as redis
 from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.gateway import admin
 from services.gateway.cache import ResultCache
-from services.gateway.orchestrator import Backends, Orchestrator, Upload
+from services.gateway.embeddings import EmbeddingCache, ModelIdCache
+from services.gateway.openapi import SECURED, install_openapi, problems
+from services.gateway.orchestrator import Backends, Orchestrator
+from services.gateway.ratelimit import RateLimiter
+from services.gateway.redis_guard import GuardedRedis, make_redis_client
+from services.gateway.revocations import RevocationList
 from services.gateway.schemas import (
     SearchResponse,
     Target,
@@ -22,22 +32,31 @@ from services.gateway.schemas import (
     check_collection,
     parse_filters_form,
 )
+from services.gateway.security import limit_token_requests, require
 from services.gateway.settings import GatewaySettings
-from shared.app import build_app
+from services.gateway.uploads import read_upload
+from shared.app import BodySizeLimitMiddleware, build_app
 from shared.collections import COLLECTION_NAME_PATTERN
-from shared.http import ServiceClient
-from shared.problems import PayloadTooLarge, ProblemError, UnsupportedMediaType
-from shared.tokens import Principal, TokenVerifier, bearer_token
+from shared.http import CircuitBreaker, ServiceClient, request_deadline
+from shared.problems import ProblemError
+from shared.tokens import JwksKeySource, Principal, TokenVerifier
 
-_UPLOAD_CHUNK = 1024 * 1024
+log = logging.getLogger(__name__)
+
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+# Headers of the auth service's token answers that the client must see as they are.
+_TOKEN_HEADERS = ("cache-control", "pragma", "www-authenticate", "retry-after")
 
 
 @dataclass
 class GatewayState:
     settings: GatewaySettings
     backends: Backends
-    redis: redis.Redis
+    redis: GuardedRedis
     verifier: TokenVerifier
+    revocations: RevocationList
+    limiter: RateLimiter | None
+    models: ModelIdCache
     orchestrator: Orchestrator
 
 
@@ -46,82 +65,126 @@ def _state(request: Request) -> GatewayState:
 
 
 State = Annotated[GatewayState, Depends(_state)]
-_bearer = HTTPBearer(auto_error=False, description="Access token from POST /auth/token")
 
 
-async def _principal(
-    state: State,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
-    return await state.verifier.verify(bearer_token(header))
+class BudgetMiddleware:
+    """Give each request its time budget (``shared.http.request_deadline``): every downstream
+    call of a search shares ``search_seconds``; other requests get ``default_seconds``."""
+
+    def __init__(self, app: ASGIApp, *, search_seconds: float, default_seconds: float) -> None:
+        self.app = app
+        self.search_seconds = search_seconds
+        self.default_seconds = default_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        seconds = self.search_seconds if path.startswith("/search/") else self.default_seconds
+        with request_deadline(seconds):
+            await self.app(scope, receive, send)
 
 
-def require(scope: str) -> Callable[..., Awaitable[Principal]]:
-    async def dependency(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
-        principal.require(scope)
-        return principal
-
-    return dependency
-
-
-async def read_upload(upload: UploadFile, max_bytes: int) -> Upload:
-    content_type = (upload.content_type or "").split(";")[0].strip().lower()
-    if not content_type.startswith("image/"):
-        raise UnsupportedMediaType(
-            f"the upload must be an image (image/*), not {content_type or 'untyped data'}",
-            code="unsupported_media_type",
+def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
+    def breaker(name: str) -> CircuitBreaker:
+        return CircuitBreaker(
+            name,
+            failure_threshold=settings.breaker_failure_threshold,
+            reset_seconds=settings.breaker_reset_seconds,
         )
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await upload.read(_UPLOAD_CHUNK):
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(
-                f"the image is larger than {max_bytes} bytes", code="image_too_large"
-            )
-        chunks.append(chunk)
-    if size == 0:
-        raise ProblemError("the image is empty", status=422, code="invalid_image")
-    return Upload(upload.filename or "upload", content_type, b"".join(chunks))
 
-
-def _make_lifespan(
-    settings: GatewaySettings,
-) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = settings.upstream_timeout_seconds
         backends = Backends(
-            auth=ServiceClient("auth", settings.auth_url, timeout=timeout),
+            auth=ServiceClient("auth", settings.auth_url, timeout=timeout, breaker=breaker("auth")),
             feature=ServiceClient(
-                "feature", settings.feature_url, timeout=settings.feature_timeout_seconds
+                "feature",
+                settings.feature_url,
+                timeout=settings.feature_timeout_seconds,
+                breaker=breaker("feature"),
             ),
-            retrieval=ServiceClient("retrieval", settings.retrieval_url, timeout=timeout),
-            metadata=ServiceClient("metadata", settings.metadata_url, timeout=timeout),
+            retrieval=ServiceClient(
+                "retrieval", settings.retrieval_url, timeout=timeout, breaker=breaker("retrieval")
+            ),
+            metadata=ServiceClient(
+                "metadata", settings.metadata_url, timeout=timeout, breaker=breaker("metadata")
+            ),
         )
-        redis_client = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_seconds,
-            socket_connect_timeout=settings.redis_timeout_seconds,
+        # One failure is enough to stop using Redis for a moment: every search touches it
+        # several times, and a hanging Redis must not eat the search's budget.
+        redis = GuardedRedis(
+            make_redis_client(settings.redis_url, settings.redis_timeout_seconds),
+            CircuitBreaker(
+                "redis", failure_threshold=1, reset_seconds=settings.redis_retry_seconds
+            ),
         )
-        cache = ResultCache(
-            redis_client, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
+        revocations = RevocationList(
+            backends.auth,
+            poll_seconds=settings.revocation_poll_seconds,
+            max_staleness=settings.revocation_max_staleness_seconds,
+            fail_open_reads=settings.fail_open_reads,
+            fail_open_writes=settings.fail_open_writes,
         )
-        app.state.gateway = GatewayState(
+        models = ModelIdCache(backends.feature, ttl=settings.model_id_ttl_seconds)
+        state = GatewayState(
             settings=settings,
             backends=backends,
-            redis=redis_client,
+            redis=redis,
             verifier=TokenVerifier(
-                backends.auth, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+                JwksKeySource(
+                    backends.auth,
+                    cache_seconds=settings.jwks_cache_seconds,
+                    min_refresh_interval=settings.jwks_min_refresh_seconds,
+                ),
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                revocations=revocations,
             ),
-            orchestrator=Orchestrator(backends, cache),
+            revocations=revocations,
+            limiter=(
+                RateLimiter(
+                    redis,
+                    prefix=settings.cache_prefix,
+                    fail_open_reads=settings.fail_open_reads,
+                    fail_open_writes=settings.fail_open_writes,
+                )
+                if settings.rate_limit_enabled
+                else None
+            ),
+            models=models,
+            orchestrator=Orchestrator(
+                backends,
+                ResultCache(
+                    redis,
+                    prefix=settings.cache_prefix,
+                    ttl_seconds=settings.cache_ttl_seconds,
+                    window_seconds=settings.cache_window_seconds,
+                ),
+                embeddings=EmbeddingCache(
+                    redis,
+                    prefix=settings.cache_prefix,
+                    ttl_seconds=settings.embedding_cache_ttl_seconds,
+                ),
+                models=models,
+            ),
         )
+        app.state.gateway = state
+        # A first copy of the revocation list before serving, when the auth service answers.
+        with contextlib.suppress(ProblemError, TimeoutError, KeyError, ValueError):
+            async with asyncio.timeout(3.0):
+                await revocations.poll()
+        poller = asyncio.create_task(revocations.run(), name="revocation-poller")
         try:
             yield
         finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await models.aclose()
             await backends.aclose()
-            await redis_client.aclose()
+            await redis.aclose()
 
     return lifespan
 
@@ -137,53 +200,175 @@ async def _readiness(app: FastAPI) -> str | None:
             return f"{client.name}: {exc.detail}"
         return None
 
-    problems = await asyncio.gather(
+    problems_found = await asyncio.gather(
         *(
             check(c)
             for c in (backends.auth, backends.feature, backends.retrieval, backends.metadata)
         )
     )
     # Redis is not required: searches are answered without the cache when it is down.
-    return "; ".join(p for p in problems if p) or None
+    return "; ".join(p for p in problems_found if p) or None
+
+
+def _form_doc(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                FORM_MEDIA_TYPE: {
+                    "schema": {"type": "object", "required": required, "properties": properties}
+                }
+            },
+        }
+    }
+
+
+_TOKEN_DOC = _form_doc(
+    {
+        "grant_type": {
+            "type": "string",
+            "enum": ["password", "client_credentials", "refresh_token"],
+        },
+        "username": {"type": "string"},
+        "password": {"type": "string", "format": "password"},
+        "client_id": {"type": "string"},
+        "client_secret": {"type": "string", "format": "password"},
+        "refresh_token": {"type": "string", "format": "password"},
+        "scope": {"type": "string", "description": "space-separated scopes"},
+    },
+    ["grant_type"],
+)
+_TOKEN_RESPONSE = {
+    200: {
+        "description": "An access token; with the password and refresh_token grants also the "
+        "next refresh token (rotated on every use).",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["access_token", "token_type", "expires_in", "scope"],
+                    "properties": {
+                        "access_token": {"type": "string"},
+                        "token_type": {"type": "string", "enum": ["Bearer"]},
+                        "expires_in": {"type": "integer"},
+                        "scope": {"type": "string"},
+                        "refresh_token": {"type": "string"},
+                        "refresh_token_expires_in": {"type": "integer"},
+                    },
+                }
+            }
+        },
+    }
+}
+_REVOKE_DOC = _form_doc(
+    {
+        "token": {"type": "string", "format": "password"},
+        "token_type_hint": {"type": "string", "enum": ["access_token", "refresh_token"]},
+    },
+    ["token"],
+)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    middleware: list[Middleware] = []
+    if settings.cors_allow_origins:
+        # Outermost of ours, so refusals (401, 413, 429) carry CORS headers a browser can read.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_allow_origins),
+                allow_credentials=settings.cors_allow_credentials,
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "X-Cache", "Retry-After"],
+                max_age=600,
+            )
+        )
+    middleware += [
+        Middleware(
+            BodySizeLimitMiddleware,
+            max_bytes=settings.effective_max_request_bytes,
+            max_json_bytes=settings.max_json_bytes,
+        ),
+        Middleware(
+            BudgetMiddleware,
+            search_seconds=settings.search_timeout_seconds,
+            default_seconds=settings.request_timeout_seconds,
+        ),
+    ]
     app = build_app(
         "gateway",
         lifespan=_make_lifespan(settings),
         readiness=_readiness,
-        description="Search images by text, captions by image and images by image.",
+        description="Search images by text, captions by image and images by image. Every route "
+        "but the token endpoints needs a bearer token with the scope its summary names; every "
+        "error is an RFC 9457 problem body (`Problem`) with a stable `code`.",
+        middleware=middleware,
     )
+    install_openapi(app)
     max_upload = settings.max_upload_bytes
+    upload_types = settings.allowed_upload_types
 
-    @app.post("/auth/token", tags=["auth"], summary="Get an access token (OAuth2 form)")
-    async def token(request: Request, state: State) -> Response:
-        body = await request.body()
-        response = await state.backends.auth.request(
+    async def forward_form(request: Request, state: GatewayState, path: str) -> Response:
+        headers = {"Content-Type": request.headers.get("content-type", "")}
+        if "authorization" in request.headers:  # HTTP Basic client credentials
+            headers["Authorization"] = request.headers["authorization"]
+        upstream = await state.backends.auth.request(
             "POST",
-            "/token",
-            content=body,
-            headers={"Content-Type": request.headers.get("content-type", "")},
+            path,
+            content=await request.body(),
+            headers=headers,
+            retry=False,
+            allow_client_errors=True,
         )
+        answer = {"cache-control": "no-store"}  # tokens are never cached, whatever happens
+        answer |= {k.lower(): v for k, v in upstream.headers.items() if k.lower() in _TOKEN_HEADERS}
         return Response(
-            response.content,
-            status_code=response.status_code,
-            media_type="application/json",
-            headers={"Cache-Control": "no-store"},
+            upstream.content,
+            status_code=upstream.status_code,
+            media_type=upstream.headers.get("content-type", "application/json"),
+            headers=answer,
         )
+
+    @app.post(
+        "/auth/token",
+        tags=["auth"],
+        summary="Get an access token (OAuth2 token endpoint: password, client_credentials or "
+        "refresh_token grant)",
+        openapi_extra=_TOKEN_DOC,
+        responses={**_TOKEN_RESPONSE, **problems(400, 401, 413, 429, 503)},
+        dependencies=[Depends(limit_token_requests)],
+    )
+    async def token(request: Request, state: State) -> Response:
+        return await forward_form(request, state, "/token")
+
+    @app.post(
+        "/auth/revoke",
+        tags=["auth"],
+        summary="Revoke a refresh token (its whole family) or an access token (RFC 7009); "
+        "answers 200 for unknown tokens too",
+        openapi_extra=_REVOKE_DOC,
+        responses={200: {"description": "Revoked, or nothing to revoke"}}
+        | problems(400, 413, 429, 503),
+        dependencies=[Depends(limit_token_requests)],
+    )
+    async def revoke(request: Request, state: State) -> Response:
+        return await forward_form(request, state, "/revoke")
 
     @app.post(
         "/search/text",
         tags=["search"],
         response_model=SearchResponse,
-        summary="Search by text: images (target=image) or captions (target=text). Scope search:text.",
+        responses=problems(*SECURED, 404, 409),
+        summary="Search by text: images (target=image) or captions (target=text). "
+        "Scope search:text.",
     )
     async def search_text(
         body: TextSearchRequest,
         response: Response,
         state: State,
-        _: Annotated[Principal, Depends(require("search:text"))],
+        _: Annotated[Principal, require("search:text")],
     ) -> dict[str, Any]:
         result = await state.orchestrator.search_text(
             body.query,
@@ -199,20 +384,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "/search/image",
         tags=["search"],
         response_model=SearchResponse,
+        responses=problems(*SECURED, 404, 409, 413, 415),
         summary="Search by image: captions (target=text) or similar images (target=image). "
         "Scope search:image.",
     )
     async def search_image(
         response: Response,
         state: State,
-        _: Annotated[Principal, Depends(require("search:image"))],
+        _: Annotated[Principal, require("search:image")],
         image: Annotated[UploadFile, File(description="The query image.")],
         top_k: Annotated[int, Form(ge=1, le=100)] = 10,
         target: Annotated[Target, Form()] = "text",
         collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
         filters: Annotated[str | None, Form(description="JSON object")] = None,
     ) -> dict[str, Any]:
-        upload = await read_upload(image, max_upload)
+        upload = await read_upload(image, max_upload, upload_types)
         result = await state.orchestrator.search_image(
             upload,
             target=target,
@@ -223,30 +409,47 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         response.headers["X-Cache"] = "hit" if result.cached else "miss"
         return result.body
 
-    @app.post("/items", tags=["items"], status_code=201, summary="Add an item. Scope items:write.")
+    @app.post(
+        "/items",
+        tags=["items"],
+        status_code=201,
+        responses=problems(*SECURED, 409, 413, 415),
+        summary="Add an item. Scope items:write.",
+    )
     async def add_item(
         state: State,
-        _: Annotated[Principal, Depends(require("items:write"))],
+        _: Annotated[Principal, require("items:write")],
         image: Annotated[UploadFile, File()],
         collection: Annotated[str, Form()] = "demo",
         caption: Annotated[list[str] | None, Form(description="Repeat for several.")] = None,
         attributes: Annotated[str | None, Form(description="JSON object")] = None,
     ) -> dict[str, Any]:
         check_collection(collection)
-        upload = await read_upload(image, max_upload)
+        upload = await read_upload(image, max_upload, upload_types)
         return await state.orchestrator.add_item(
             upload, collection=collection, captions=caption or [], attributes=attributes
         )
 
-    @app.get("/items/{item_id}", tags=["items"], summary="Get an item. Scope items:read.")
+    @app.get(
+        "/items/{item_id}",
+        tags=["items"],
+        responses=problems(*SECURED, 404),
+        summary="Get an item. Scope items:read.",
+    )
     async def get_item(
-        item_id: int, state: State, _: Annotated[Principal, Depends(require("items:read"))]
+        item_id: int, state: State, _: Annotated[Principal, require("items:read")]
     ) -> dict[str, Any]:
         return await state.orchestrator.get_item(item_id)
 
-    @app.get("/items/{item_id}/image", tags=["items"], summary="An item's image. Scope items:read.")
+    @app.get(
+        "/items/{item_id}/image",
+        tags=["items"],
+        responses={200: {"description": "The stored image bytes", "content": {"image/*": {}}}}
+        | problems(*SECURED, 404),
+        summary="An item's image. Scope items:read.",
+    )
     async def get_item_image(
-        item_id: int, state: State, _: Annotated[Principal, Depends(require("items:read"))]
+        item_id: int, state: State, _: Annotated[Principal, require("items:read")]
     ) -> Response:
         upstream = await state.backends.metadata.request("GET", f"/items/{item_id}/image")
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("etag",)}
@@ -260,12 +463,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "/items/{item_id}",
         tags=["items"],
         status_code=204,
+        responses=problems(*SECURED, 404),
         summary="Delete an item. Scope items:write.",
     )
     async def delete_item(
-        item_id: int, state: State, _: Annotated[Principal, Depends(require("items:write"))]
+        item_id: int, state: State, _: Annotated[Principal, require("items:write")]
     ) -> Response:
         await state.orchestrator.delete_item(item_id)
         return Response(status_code=204)
 
+    app.include_router(admin.router)
     return app

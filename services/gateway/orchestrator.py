@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from services.gateway.cache import ResultCache
+from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_text, text_digest
 from services.gateway.schemas import Filters, Target
 from shared.http import ServiceClient
 from shared.problems import ProblemError
@@ -48,23 +50,37 @@ class SearchResult:
 
 
 class Orchestrator:
-    def __init__(self, backends: Backends, cache: ResultCache) -> None:
+    def __init__(
+        self,
+        backends: Backends,
+        cache: ResultCache,
+        *,
+        embeddings: EmbeddingCache | None = None,
+        models: ModelIdCache | None = None,
+    ) -> None:
         self.backends = backends
         self.cache = cache
+        self.embeddings = embeddings
+        self.models = models
 
     # -- search ---------------------------------------------------------------------------
 
     async def search_text(
         self, query: str, *, target: Target, top_k: int, collection: str, filters: Filters | None
     ) -> SearchResult:
+        # The same normalised text is embedded and keys both caches.
+        query = normalise_text(query)
         cache_parts = {"text": query}
 
-        async def embed() -> tuple[list[float], str]:
+        async def compute() -> tuple[list[float], str]:
             response = await self.backends.feature.request(
                 "POST", "/embed/text", json={"texts": [query]}, retry=True
             )
             body = response.json()
             return body["vectors"][0], body["model_id"]
+
+        async def embed() -> tuple[list[float], str]:
+            return await self._embed_query("text", text_digest(query), compute)
 
         return await self._search(cache_parts, embed, target, top_k, collection, filters)
 
@@ -74,11 +90,22 @@ class Orchestrator:
         # Keyed by the bytes' hash, never by the uploaded file's name.
         cache_parts = {"image_sha256": image.sha256}
 
-        async def embed() -> tuple[list[float], str]:
+        async def compute() -> tuple[list[float], str]:
             vectors, model_id = await self._embed_images([image])
             return vectors[0], model_id
 
+        async def embed() -> tuple[list[float], str]:
+            return await self._embed_query("image", image.sha256, compute)
+
         return await self._search(cache_parts, embed, target, top_k, collection, filters)
+
+    async def _embed_query(
+        self, kind: str, digest: str, compute: Callable[[], Awaitable[tuple[list[float], str]]]
+    ) -> tuple[list[float], str]:
+        """The query's vector and model id, from the embedding cache when it has them."""
+        if self.embeddings is None or self.models is None:
+            return await compute()
+        return await self.embeddings.get_or_compute(self.models, kind, digest, compute)
 
     async def _search(
         self,

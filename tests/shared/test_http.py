@@ -1,9 +1,11 @@
-"""ServiceClient: downstream problems pass through, failures become 503/504, ids propagate."""
+"""ServiceClient: downstream problems pass through, failures and slowness become 503s within the
+request's deadline, ids propagate, and the circuit breaker stops calls to a failing service."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -11,14 +13,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from shared.context import request_id_var
-from shared.http import ServiceClient
+from shared.http import CircuitBreaker, CircuitOpen, ServiceClient, request_deadline
+from shared.problems import NotFound as NotFoundError
 from shared.problems import (
-    GatewayTimeout,
     ProblemError,
     ServiceUnavailable,
     install_problem_handlers,
 )
-from shared.problems import NotFound as NotFoundError
 
 pytestmark = pytest.mark.anyio
 
@@ -105,24 +106,179 @@ async def test_unreachable_service_is_503() -> None:
     await client.aclose()
 
 
-async def test_slow_service_is_504_within_the_timeout() -> None:
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def slow_server() -> AsyncIterator[str]:
+    """The downstream app on a real socket: timeouts need a real connection."""
     app, _ = downstream()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="error", timeout_graceful_shutdown=0
+    )
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    client = ServiceClient("down", f"http://127.0.0.1:{port}", timeout=0.2)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_slow_service_is_503_within_the_timeout(slow_server: str) -> None:
+    client = ServiceClient("down", slow_server, timeout=0.2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        with pytest.raises(GatewayTimeout) as raised:
+        with pytest.raises(ServiceUnavailable) as raised:
             await client.request("GET", "/slow")
+        assert raised.value.status == 503
         assert raised.value.code == "down_timeout"
+        assert raised.value.headers["Retry-After"] == "1"
         assert loop.time() - started < 1.5  # no retry piled on a timed-out call
     finally:
         await client.aclose()
-        server.should_exit = True
-        await task
+
+
+async def test_the_request_deadline_bounds_every_call_of_a_request(slow_server: str) -> None:
+    client = ServiceClient("down", slow_server, timeout=10.0)
+    loop = asyncio.get_running_loop()
+    try:
+        with request_deadline(0.3):
+            started = loop.time()
+            with pytest.raises(ServiceUnavailable) as raised:
+                await client.request("GET", "/slow")  # 2 s of work, 0.3 s of budget
+            assert raised.value.code == "down_timeout"
+            assert loop.time() - started < 1.5  # cut off well before the 2 s of work
+            # The budget is spent: the next call fails without being sent.
+            with pytest.raises(ServiceUnavailable) as raised:
+                await client.request("GET", "/echo-id")
+            assert "was not called" in raised.value.detail
+        # Outside the block the client's own timeout applies again.
+        assert (await client.request("GET", "/echo-id")).status_code == 200
+    finally:
+        await client.aclose()
+
+
+async def test_a_nested_deadline_never_extends_the_outer_one(slow_server: str) -> None:
+    client = ServiceClient("down", slow_server, timeout=10.0)
+    loop = asyncio.get_running_loop()
+    try:
+        with request_deadline(0.2), request_deadline(5.0):
+            started = loop.time()
+            with pytest.raises(ServiceUnavailable):
+                await client.request("GET", "/slow")
+            assert loop.time() - started < 1.5  # the outer 0.2 s, not the inner 5 s
+    finally:
+        await client.aclose()
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_after_the_cool_down() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("t", failure_threshold=3, reset_seconds=10, clock=clock)
+    for _ in range(2):
+        breaker.allow()
+        breaker.failure()
+    breaker.allow()
+    breaker.success()  # a success resets the count: failures must be consecutive
+    for _ in range(3):
+        breaker.allow()
+        breaker.failure()
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen) as raised:
+        breaker.allow()
+    assert raised.value.retry_after == pytest.approx(10)
+    clock.now += 9.5
+    with pytest.raises(CircuitOpen):
+        breaker.allow()
+    clock.now += 0.5
+    assert breaker.state == "half_open"
+    breaker.allow()  # the single probe
+    with pytest.raises(CircuitOpen):
+        breaker.allow()  # everyone else waits while it is out
+    breaker.failure()  # the probe failed: open again for a full cool-down
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen):
+        breaker.allow()
+    clock.now += 10
+    breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed"
+    breaker.allow()
+
+
+def test_an_abandoned_probe_lets_the_next_caller_probe() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("t", failure_threshold=1, reset_seconds=1, clock=clock)
+    breaker.allow()
+    breaker.failure()
+    clock.now += 1
+    breaker.allow()
+    breaker.abandon()  # e.g. the caller was cancelled
+    breaker.allow()
+
+
+async def test_client_with_a_breaker_fails_fast_while_open() -> None:
+    app, calls = downstream()
+    clock = FakeClock()
+    breaker = CircuitBreaker("down", failure_threshold=2, reset_seconds=5, clock=clock)
+    client = client_for(app, retries=0, breaker=breaker)
+    for _ in range(2):
+        with pytest.raises(ServiceUnavailable) as raised:
+            await client.request("POST", "/broken")
+        assert raised.value.code == "down_error"
+    assert calls["broken"] == 2
+    with pytest.raises(ServiceUnavailable) as raised:
+        await client.request("POST", "/broken")
+    assert calls["broken"] == 2  # not called: the circuit is open
+    assert raised.value.code == "down_unavailable"
+    assert raised.value.extra == {"circuit": "open"}
+    assert raised.value.headers["Retry-After"] == "5"
+    clock.now += 5
+    # The probe goes out; /echo-id succeeds, so the circuit closes.
+    assert (await client.request("GET", "/echo-id")).status_code == 200
+    assert breaker.state == "closed"
+
+
+async def test_client_errors_do_not_open_the_breaker() -> None:
+    app, _ = downstream()
+    breaker = CircuitBreaker("down", failure_threshold=1, reset_seconds=60)
+    client = client_for(app, breaker=breaker)
+    for _ in range(3):
+        with pytest.raises(ProblemError) as raised:
+            await client.request("GET", "/missing")
+        assert raised.value.status == 404
+    assert breaker.state == "closed"
+
+
+async def test_unreachable_service_opens_the_breaker() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    breaker = CircuitBreaker("down", failure_threshold=1, reset_seconds=60)
+    client = ServiceClient(
+        "down", f"http://127.0.0.1:{port}", retries=0, backoff=0.001, breaker=breaker
+    )
+    try:
+        with pytest.raises(ServiceUnavailable):
+            await client.request("GET", "/anything")
+        assert breaker.state == "open"
+    finally:
+        await client.aclose()
+
+
+async def test_client_errors_can_be_passed_through() -> None:
+    app, _ = downstream()
+    response = await client_for(app).request("GET", "/missing", allow_client_errors=True)
+    assert response.status_code == 404
+    assert response.json()["code"] == "thing_not_found"

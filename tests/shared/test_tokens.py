@@ -1,4 +1,6 @@
-"""TokenVerifier against a JWKS served by a small ASGI app: the attacks it must refuse."""
+"""TokenVerifier against a JWKS served by a small ASGI app: the attacks it must refuse
+(alg none, HS256 with the public key, wrong aud or iss, expired, not yet valid, tampered,
+unknown kid, revoked jti or subject, missing scope)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
 from shared.http import ServiceClient
-from shared.problems import Forbidden, Unauthorized
-from shared.tokens import TokenVerifier, bearer_token
+from shared.problems import Forbidden, ServiceUnavailable, Unauthorized
+from shared.tokens import Principal, RevocationSet, TokenVerifier, bearer_token, token_revoked
 
 pytestmark = pytest.mark.anyio
 
@@ -154,3 +156,94 @@ def test_bearer_header_parsing() -> None:
     for bad in (None, "", "Basic abc", "Bearer", "Bearer  "):
         with pytest.raises(Unauthorized):
             bearer_token(bad)
+
+
+class Revoked:
+    """A revocation check backed by a ``RevocationSet``, as the gateway's list is."""
+
+    def __init__(self) -> None:
+        self.set = RevocationSet()
+
+    async def check(self, principal: Principal) -> None:
+        if self.set.is_revoked(principal):
+            raise token_revoked()
+
+
+async def test_revoked_jti_is_refused(server: KeyServer) -> None:
+    revoked = Revoked()
+    client = ServiceClient("auth", "http://auth", transport=httpx.ASGITransport(app=server.app))
+    v = TokenVerifier(
+        client, issuer=ISSUER, audience=AUDIENCE, min_refresh_interval=0, revocations=revoked
+    )
+    token = server.sign("k1", jti="j-revoked")
+    assert (await v.verify(token)).token_id == "j-revoked"
+    revoked.set.apply([{"jti": "j-revoked", "expires_at": time.time() + 60}])
+    with pytest.raises(Unauthorized) as raised:
+        await v.verify(token)
+    assert raised.value.code == "token_revoked"
+    # Another token of the same subject is not affected by a jti revocation.
+    assert (await v.verify(server.sign("k1", jti="j-other"))).subject == "alice"
+
+
+async def test_tokens_issued_before_a_subject_revocation_are_refused(server: KeyServer) -> None:
+    revoked = Revoked()
+    client = ServiceClient("auth", "http://auth", transport=httpx.ASGITransport(app=server.app))
+    v = TokenVerifier(
+        client, issuer=ISSUER, audience=AUDIENCE, min_refresh_interval=0, revocations=revoked
+    )
+    now = int(time.time())
+    old = server.sign("k1", iat=now - 10, jti="a")
+    new = server.sign("k1", iat=now, jti="b")
+    other = server.sign("k1", sub="bob", iat=now - 10, jti="c")
+    revoked.set.apply([{"sub": "alice", "not_before": now, "expires_at": now + 60}])
+    with pytest.raises(Unauthorized) as raised:
+        await v.verify(old)
+    assert raised.value.code == "token_revoked"
+    assert (await v.verify(new)).token_id == "b"
+    assert (await v.verify(other)).subject == "bob"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"jti": None},  # a token that could not be revoked by id is not accepted at all
+        {"jti": 42},
+        {"iat": None},
+        {"iat": int(time.time()) + 600},  # issued in the future: not yet valid
+    ],
+)
+async def test_tokens_without_a_usable_jti_or_iat_are_refused(
+    server: KeyServer, overrides: dict
+) -> None:
+    with pytest.raises(Unauthorized) as raised:
+        await verifier(server).verify(server.sign("k1", **overrides))
+    assert raised.value.code == "invalid_token"
+
+
+async def test_unreachable_key_server_is_503_auth_unavailable(server: KeyServer) -> None:
+    client = ServiceClient("auth", "http://127.0.0.1:9", retries=0)  # nothing listens on 9
+    v = TokenVerifier(client, issuer=ISSUER, audience=AUDIENCE)
+    with pytest.raises(ServiceUnavailable) as raised:
+        await v.verify(server.sign("k1"))
+    assert raised.value.code == "auth_unavailable"
+    assert raised.value.headers["Retry-After"]
+    await client.aclose()
+
+
+def test_revocation_set_keeps_entries_until_they_expire() -> None:
+    revocations = RevocationSet()
+    revocations.apply(
+        [
+            {"jti": "j1", "expires_at": 100.0},
+            {"sub": "alice", "not_before": 50, "expires_at": 200.0},
+            {"sub": "alice", "not_before": 40, "expires_at": 150.0},  # older: never lowers it
+        ]
+    )
+    alice = Principal("alice", frozenset(), token_id="j9", issued_at=45)
+    assert revocations.is_revoked(alice)
+    assert revocations.is_revoked(Principal("bob", frozenset(), token_id="j1", issued_at=0))
+    revocations.prune(100.0)
+    assert not revocations.is_revoked(Principal("bob", frozenset(), token_id="j1", issued_at=0))
+    assert revocations.is_revoked(alice)
+    revocations.prune(200.0)
+    assert not revocations.is_revoked(alice)

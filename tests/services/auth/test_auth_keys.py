@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,8 @@ from services.auth.keys import (
     load_or_create_private_key,
     rsa_public_jwk,
 )
+from services.auth.keystore import KeyRotationError, KeyStore, replace_private_key
+from services.auth.principals import Base, create_db_engine
 from services.auth.settings import AuthSettings
 
 # RFC 7638 §3.1: the example key and its SHA-256 thumbprint.
@@ -172,3 +176,117 @@ def test_a_world_readable_key_is_loaded_with_a_warning(
     path.chmod(0o644)
     assert load_or_create_private_key(path, create=False).key_size == 2048
     assert "accessible to every user" in caplog.text
+
+
+# -- rotation with overlap (KeyStore) ----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(tmp_path: Path, clock: Clock, **kwargs: object) -> KeyStore:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    Base.metadata.create_all(engine)
+    options: dict[str, object] = {"create": True, "retention_seconds": 600, "check_interval": 0}
+    options.update(kwargs)
+    return KeyStore(engine, tmp_path / "key.pem", clock=clock, **options)  # type: ignore[arg-type]
+
+
+def _kids(store: KeyStore) -> list[str]:
+    return [k["kid"] for k in store.ring().jwks()["keys"]]
+
+
+def test_a_rotated_key_stays_published_for_the_retention_then_goes(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    old = store.load().signing_key.kid
+    rotation = store.rotate()
+    assert rotation.previous_kid == old and rotation.kid != old
+    assert rotation.previous_published_until == clock.now + 600
+    assert _kids(store) == [rotation.kid, old]
+    assert store.ring().signing_key.kid == rotation.kid
+    assert stat.S_IMODE((tmp_path / "key.pem").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".key")] == []  # no temp
+    clock.now += 599
+    assert _kids(store) == [rotation.kid, old]
+    clock.now += 2
+    store._synced = float("-inf")  # the next check re-reads the database
+    assert _kids(store) == [rotation.kid]
+    info = {k.kid: k for k in store.describe()}
+    assert not info[old].published and info[old].retired_at is not None
+    assert info[rotation.kid].signing
+
+
+def test_a_new_key_file_is_picked_up_and_the_old_key_retired(
+    tmp_path: Path, rsa_pem: bytes
+) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    old = store.load().signing_key.kid
+    # What a Kubernetes secret update does: another key appears at the path.
+    replace_private_key(
+        tmp_path / "key.pem", serialization.load_pem_private_key(rsa_pem, password=None)
+    )
+    new = store.ring().signing_key.kid
+    assert new != old
+    assert _kids(store) == [new, old]
+    # A second process (another replica, a restart) publishes the same set.
+    other = _store(tmp_path, clock)
+    assert [k["kid"] for k in other.load().jwks()["keys"]] == [new, old]
+
+
+def test_rolling_back_to_an_older_key_reactivates_it(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    first = store.load().signing_key
+    first_pem = (tmp_path / "key.pem").read_bytes()
+    clock.now += 1
+    second = store.rotate().kid
+    clock.now += 1
+    (tmp_path / "key.pem").write_bytes(first_pem)
+    assert store.ring().signing_key.kid == first.kid
+    info = {k.kid: k for k in store.describe()}
+    assert info[first.kid].retired_at is None and info[first.kid].signing
+    assert info[second].retired_at is not None and info[second].published
+
+
+def test_rotation_on_a_read_only_file_system_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    old = store.load().signing_key.kid
+    before = (tmp_path / "key.pem").read_bytes()
+
+    def read_only(*_: object) -> None:
+        # A mounted secret is read-only even for root; chmod cannot reproduce that here.
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("services.auth.keystore.os.replace", read_only)
+    with pytest.raises(KeyRotationError, match="cannot write"):
+        store.rotate()
+    assert (tmp_path / "key.pem").read_bytes() == before
+    assert store.ring().signing_key.kid == old
+    assert _kids(store) == [old]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".key")] == []
+
+
+def test_a_broken_new_key_file_keeps_the_current_key(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    kid = store.load().signing_key.kid
+    (tmp_path / "key.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nhalf a key")
+    assert store.ring().signing_key.kid == kid  # logged, not fatal: signing goes on
+
+
+def test_retention_must_cover_the_token_lifetime(
+    make_settings: Callable[..., AuthSettings],
+) -> None:
+    with pytest.raises(ValueError, match="KEY_RETENTION"):
+        make_settings(access_token_ttl_seconds=900, key_retention_seconds=600)
+    assert make_settings(access_token_ttl_seconds=900).effective_key_retention_seconds == 1200

@@ -162,7 +162,7 @@ def test_bad_user_credentials_are_invalid_grant(
 
 def test_disabled_user_is_invalid_grant(client: TestClient) -> None:
     assert _password(client, "reader", READER_PASSWORD).status_code == 200
-    assert client.app.state.auth.store.set_disabled("reader", True)
+    assert client.app.state.auth.service.principals.set_disabled("reader", True)
     body = _assert_problem(_password(client, "reader", READER_PASSWORD), 401, "invalid_grant")
     assert "disabled" in body["detail"]
     # A wrong password on a disabled account does not reveal that it is disabled.
@@ -170,7 +170,7 @@ def test_disabled_user_is_invalid_grant(client: TestClient) -> None:
     assert "disabled" not in body["detail"]
 
 
-@pytest.mark.parametrize("grant_type", ["authorization_code", "refresh_token", "implicit"])
+@pytest.mark.parametrize("grant_type", ["authorization_code", "device_code", "implicit"])
 def test_unsupported_grant_type(client: TestClient, grant_type: str) -> None:
     response = client.post("/token", data={"grant_type": grant_type, "code": "x"})
     _assert_problem(response, 400, "unsupported_grant_type")
@@ -329,7 +329,7 @@ def test_not_ready_when_the_database_is_unreachable(
     def unreachable() -> None:
         raise ConnectionError("database down")
 
-    monkeypatch.setattr(client.app.state.auth.store, "ping", unreachable)
+    monkeypatch.setattr(client.app.state.auth.service.principals, "ping", unreachable)
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["code"] == "not_ready"

@@ -1,0 +1,143 @@
+"""Query-embedding cache in Redis, keyed by the feature service's model id and the normalised
+query text or the SHA-256 of the query image's bytes.
+
+The model id is only known from the feature service: each embedding answer carries it, and
+``GET /model`` is asked again in the background once the known id is older than its TTL, so a
+model swap is noticed within that time even if every query hits the cache. Vectors of two models
+can never mix: the id is part of the key, and the retrieval service refuses vectors of another
+model than the collection's. A cached embedding also keeps a repeated query answerable while the
+feature service is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import struct
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import Counter
+
+from services.gateway.redis_guard import GuardedRedis, RedisUnavailable
+from shared.http import ServiceClient
+from shared.problems import ProblemError
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_CACHE_REQUESTS = Counter(
+    "gateway_embedding_cache_requests_total",
+    "Query-embedding cache lookups by outcome (hit, miss, error, skipped: model id unknown).",
+    ["result"],
+)
+for _result in ("hit", "miss", "error", "skipped"):
+    EMBEDDING_CACHE_REQUESTS.labels(_result)
+
+
+def normalise_text(text: str) -> str:
+    """The text that is both embedded and used as the key: NFC, whitespace runs collapsed.
+    Nothing that could change the embedding (case, punctuation) is touched."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(normalise_text(text).encode()).hexdigest()
+
+
+class ModelIdCache:
+    """The feature service's current model id, trusted for ``ttl`` seconds."""
+
+    def __init__(
+        self, feature: ServiceClient, *, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._feature = feature
+        self.ttl = ttl
+        self._clock = clock
+        self._model_id: str | None = None
+        self._learned_at = float("-inf")
+        self._refresh: asyncio.Task[None] | None = None
+
+    def learn(self, model_id: str) -> None:
+        if self._model_id != model_id:
+            if self._model_id is not None:
+                log.info("the feature model changed: %s -> %s", self._model_id, model_id)
+            self._model_id = model_id
+        self._learned_at = self._clock()
+
+    def current(self) -> str | None:
+        """The known model id (None before the first answer). When it is stale a background
+        refresh starts, and the known id is used meanwhile: a request never waits for it."""
+        if self._clock() - self._learned_at >= self.ttl and (
+            self._refresh is None or self._refresh.done()
+        ):
+            self._refresh = asyncio.create_task(self.refresh())
+        return self._model_id
+
+    async def refresh(self) -> None:
+        try:
+            response = await self._feature.request("GET", "/model", retry=False, timeout=2.0)
+            self.learn(str(response.json()["model_id"]))
+        except (ProblemError, KeyError, ValueError) as exc:
+            log.info("could not refresh the feature model id: %s", exc)
+
+    async def aclose(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+
+
+class EmbeddingCache:
+    def __init__(self, redis: GuardedRedis, *, prefix: str, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._ttl = ttl_seconds
+
+    def key(self, model_id: str, kind: str, digest: str) -> str:
+        # The model id is free text (a hub name, a path hash): hashed into the key with the rest.
+        scope = hashlib.sha256(f"{model_id}\0{kind}\0{digest}".encode()).hexdigest()
+        return f"{self._prefix}:emb:{kind}:{scope}"
+
+    async def get(self, model_id: str, kind: str, digest: str) -> list[float] | None:
+        try:
+            raw = await self._redis.run(lambda r: r.get(self.key(model_id, kind, digest)))
+        except RedisUnavailable:
+            EMBEDDING_CACHE_REQUESTS.labels("error").inc()
+            return None
+        EMBEDDING_CACHE_REQUESTS.labels("miss" if raw is None else "hit").inc()
+        if raw is None or len(raw) % 4:
+            return None
+        # float32 little-endian: exact for vectors the feature service computed in float32.
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+    async def put(self, model_id: str, kind: str, digest: str, vector: list[float]) -> None:
+        if self._ttl <= 0:
+            return
+        payload = struct.pack(f"<{len(vector)}f", *vector)
+        # A lost write only costs a later miss; the breaker has logged the failure.
+        with contextlib.suppress(RedisUnavailable):
+            await self._redis.run(
+                lambda r: r.set(self.key(model_id, kind, digest), payload, ex=self._ttl)
+            )
+
+    async def get_or_compute(
+        self,
+        models: ModelIdCache,
+        kind: str,
+        digest: str,
+        compute: Callable[[], Awaitable[tuple[list[float], str]]],
+    ) -> tuple[list[float], str]:
+        """(vector, model id) from the cache under the current model id, else computed, learned
+        and stored."""
+        model_id = models.current()
+        if model_id is None:
+            EMBEDDING_CACHE_REQUESTS.labels("skipped").inc()
+        else:
+            cached = await self.get(model_id, kind, digest)
+            if cached is not None:
+                return cached, model_id
+        vector, actual = await compute()
+        models.learn(actual)
+        await self.put(actual, kind, digest, vector)
+        return vector, actual

@@ -1,0 +1,153 @@
+"""Rate limiting in Redis: token buckets, checked and taken atomically by one Lua script.
+
+Buckets: per client IP (every scoped request, before the token is even checked), per client IP
+on the token endpoints (password guessing), and per principal and scope (limits per scope are
+configurable). Several gateway replicas share the buckets; the script reads the time from
+Redis, so replicas with skewed clocks still agree.
+
+When Redis cannot be used the decision follows the fail-open settings: by default reads pass
+(a search without a rate limit beats no search) and writes are refused with a 503
+``rate_limiter_unavailable`` (they would also skip the cache invalidation Redis holds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+from redis.commands.core import AsyncScript
+
+from services.gateway.redis_guard import GuardedRedis, RedisUnavailable
+from services.gateway.settings import RateLimit
+from shared.problems import ServiceUnavailable, TooManyRequests
+
+log = logging.getLogger(__name__)
+
+RATE_LIMITED = Counter(
+    "gateway_rate_limited_total", "Requests refused with 429, by bucket kind.", ["bucket"]
+)
+RATE_LIMIT_UNCHECKED = Counter(
+    "gateway_rate_limit_unchecked_total",
+    "Requests whose rate limit could not be checked (Redis unavailable), by outcome.",
+    ["outcome"],
+)
+for _bucket in ("ip", "token", "principal"):
+    RATE_LIMITED.labels(_bucket)
+for _outcome in ("allowed", "refused"):
+    RATE_LIMIT_UNCHECKED.labels(_outcome)
+
+# KEYS: the buckets. ARGV: rate and burst of each bucket in turn, then the cost.
+# A bucket is a hash {tokens, ts}; a missing one is full. Either every bucket has the tokens and
+# all are charged, or none is and the reply says how long until the emptiest one has them.
+TOKEN_BUCKET_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local cost = tonumber(ARGV[#ARGV])
+local levels = {}
+local wait, denied = 0, 0
+for i = 1, #KEYS do
+  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local tokens, ts = tonumber(state[1]), tonumber(state[2])
+  if tokens == nil or ts == nil then
+    tokens, ts = burst, now
+  end
+  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+  levels[i] = tokens
+  if tokens < cost and (cost - tokens) / rate > wait then
+    wait, denied = (cost - tokens) / rate, i
+  end
+end
+if denied > 0 then
+  return {0, tostring(wait), denied}
+end
+local remaining = -1
+for i = 1, #KEYS do
+  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local left = levels[i] - cost
+  redis.call('HSET', KEYS[i], 'tokens', tostring(left), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+  if remaining < 0 or left < remaining then
+    remaining = left
+  end
+end
+return {1, tostring(remaining), 0}
+"""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    kind: str  # "ip", "token" or "principal": the metric label and the problem's ``limit``
+    key: str
+    limit: RateLimit
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after: float
+    remaining: float
+    bucket: Bucket | None
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        redis: GuardedRedis,
+        *,
+        prefix: str,
+        fail_open_reads: bool = True,
+        fail_open_writes: bool = False,
+    ) -> None:
+        self._redis = redis
+        self._prefix = f"{prefix}:rl"
+        self.fail_open_reads = fail_open_reads
+        self.fail_open_writes = fail_open_writes
+        self._script: AsyncScript = redis.client.register_script(TOKEN_BUCKET_LUA)
+
+    def bucket(self, kind: str, name: str, limit: RateLimit) -> Bucket:
+        return Bucket(kind, f"{self._prefix}:{kind}:{name}", limit)
+
+    async def decide(self, buckets: list[Bucket], cost: int = 1) -> Decision:
+        """Take ``cost`` tokens from every bucket, or from none. Raises ``RedisUnavailable``."""
+        args: list[float | int] = []
+        for bucket in buckets:
+            args += [bucket.limit.rate, bucket.limit.burst]
+        args.append(cost)
+        keys = [b.key for b in buckets]
+        allowed, value, denied = await self._redis.run(lambda _: self._script(keys=keys, args=args))
+        if int(allowed):
+            return Decision(True, 0.0, float(value), None)
+        return Decision(False, float(value), 0.0, buckets[int(denied) - 1])
+
+    async def hit(self, buckets: list[Bucket], *, write: bool) -> None:
+        """Charge one request to ``buckets``: 429 when one is empty; when Redis is unavailable,
+        pass or refuse (503) as the fail-open setting for reads or writes says."""
+        if not buckets:
+            return
+        try:
+            decision = await self.decide(buckets)
+        except RedisUnavailable:
+            if self.fail_open_writes if write else self.fail_open_reads:
+                RATE_LIMIT_UNCHECKED.labels("allowed").inc()
+                return
+            RATE_LIMIT_UNCHECKED.labels("refused").inc()
+            raise ServiceUnavailable(
+                "the rate limiter is unavailable; writes are refused until it is back",
+                code="rate_limiter_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
+        if decision.allowed:
+            return
+        assert decision.bucket is not None
+        RATE_LIMITED.labels(decision.bucket.kind).inc()
+        retry_after = max(1, math.ceil(decision.retry_after))
+        raise TooManyRequests(
+            f"too many requests ({decision.bucket.kind} limit: {decision.bucket.limit.burst} "
+            f"at once, {decision.bucket.limit.rate:g}/s); retry in {retry_after}s",
+            code="rate_limited",
+            headers={"Retry-After": str(retry_after)},
+            extra={"limit": decision.bucket.kind},
+        )

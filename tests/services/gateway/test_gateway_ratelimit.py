@@ -1,0 +1,94 @@
+"""Token buckets in the real Redis: burst, refill, Retry-After, several buckets at once, and the
+fail-open/fail-closed policy when Redis is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.gateway.ratelimit import RateLimiter
+from services.gateway.redis_guard import GuardedRedis
+from services.gateway.settings import RateLimit
+from shared.problems import ServiceUnavailable, TooManyRequests
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_burst_then_429_with_retry_after(guarded: GuardedRedis, prefix: str) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    bucket = limiter.bucket("principal", "alice:search:text", RateLimit(rate=0.5, burst=3))
+    for _ in range(3):
+        await limiter.hit([bucket], write=False)
+    with pytest.raises(TooManyRequests) as raised:
+        await limiter.hit([bucket], write=False)
+    assert raised.value.status == 429
+    assert raised.value.code == "rate_limited"
+    assert raised.value.extra == {"limit": "principal"}
+    # One token comes back every 2 s at 0.5/s: the client is told to wait that long.
+    assert raised.value.headers["Retry-After"] == "2"
+
+
+async def test_tokens_refill_at_the_rate(guarded: GuardedRedis, prefix: str) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    bucket = limiter.bucket("ip", "203.0.113.1", RateLimit(rate=20, burst=2))
+    first = await limiter.decide([bucket])
+    second = await limiter.decide([bucket])
+    assert first.allowed and second.allowed
+    assert first.remaining == pytest.approx(1, abs=0.1)
+    denied = await limiter.decide([bucket])
+    assert not denied.allowed
+    assert 0 < denied.retry_after <= 0.05 + 0.01
+    await asyncio.sleep(0.12)  # 20/s: two tokens back after 0.1 s
+    assert (await limiter.decide([bucket])).allowed
+
+
+async def test_buckets_are_separate(guarded: GuardedRedis, prefix: str) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    limit = RateLimit(rate=0.1, burst=1)
+    await limiter.hit([limiter.bucket("principal", "alice:items:read", limit)], write=False)
+    await limiter.hit([limiter.bucket("principal", "bob:items:read", limit)], write=False)
+    await limiter.hit([limiter.bucket("principal", "alice:search:text", limit)], write=False)
+    with pytest.raises(TooManyRequests):
+        await limiter.hit([limiter.bucket("principal", "alice:items:read", limit)], write=False)
+
+
+async def test_several_buckets_are_charged_all_or_none(guarded: GuardedRedis, prefix: str) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    roomy = limiter.bucket("principal", "alice:search:text", RateLimit(rate=0.01, burst=5))
+    tight = limiter.bucket("ip", "203.0.113.9", RateLimit(rate=0.01, burst=1))
+    assert (await limiter.decide([roomy, tight])).allowed
+    denied = await limiter.decide([roomy, tight])
+    assert not denied.allowed and denied.bucket == tight
+    # The refused request took nothing from the roomy bucket: 4 of its 5 tokens are left.
+    for _ in range(4):
+        assert (await limiter.decide([roomy])).allowed
+    assert not (await limiter.decide([roomy])).allowed
+
+
+async def test_buckets_expire_from_redis(guarded: GuardedRedis, prefix: str) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    bucket = limiter.bucket("ip", "203.0.113.2", RateLimit(rate=10, burst=5))
+    await limiter.decide([bucket])
+    ttl_ms = await guarded.client.pttl(bucket.key)
+    # A full refill takes 0.5 s; the key lives about that long plus a second, not forever.
+    assert 0 < ttl_ms <= 1500
+
+
+async def test_redis_down_fails_open_for_reads_and_closed_for_writes(dead: GuardedRedis) -> None:
+    limiter = RateLimiter(dead, prefix="x")
+    bucket = limiter.bucket("principal", "alice:items:write", RateLimit(rate=1, burst=1))
+    for _ in range(3):
+        await limiter.hit([bucket], write=False)  # reads pass
+    with pytest.raises(ServiceUnavailable) as raised:
+        await limiter.hit([bucket], write=True)
+    assert raised.value.code == "rate_limiter_unavailable"
+    assert raised.value.headers["Retry-After"] == "1"
+
+
+async def test_fail_policy_is_configurable(dead: GuardedRedis) -> None:
+    limiter = RateLimiter(dead, prefix="x", fail_open_reads=False, fail_open_writes=True)
+    bucket = limiter.bucket("principal", "alice:search:text", RateLimit(rate=1, burst=1))
+    await limiter.hit([bucket], write=True)
+    with pytest.raises(ServiceUnavailable):
+        await limiter.hit([bucket], write=False)
