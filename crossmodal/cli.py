@@ -1,13 +1,16 @@
-"""``crossmodal``: the project's command-line tool.
+"""``crossmodal``: the project's command-line tool (typer).
 
-``crossmodal run`` starts the whole stack as local processes (what ``make run`` does): it builds
-the offline demo model if missing, makes sure Redis is up, starts the five services, indexes the
-demo collection once, and keeps running until Ctrl-C.
+- ``crossmodal run`` starts the whole stack as local processes (what ``make run`` does): it builds
+  the offline demo model if missing, makes sure Redis is up, starts the five services, indexes the
+  demo collection once, and keeps running until Ctrl-C.
+- ``crossmodal login``, ``index``, ``search``, ``collections`` talk to a gateway with a token.
+- ``crossmodal reconcile`` compares the metadata and retrieval services and repairs drift.
+
+docs/cli.md describes every command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import signal
@@ -15,12 +18,28 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
 
+from crossmodal.client import DEFAULT_GATEWAY, GatewayClient, GatewayError, TokenStore
 from crossmodal.stack import LocalStack
 
 DEMO_COLLECTION = "demo"
@@ -103,6 +122,8 @@ def seed_demo_collection(stack: LocalStack, collection_dir: Path) -> int:
                     )
                 },
             )
+            if response.status_code == 409 and response.json().get("code") == "duplicate_item":
+                continue  # indexed by an earlier, interrupted start
             if response.status_code != 201:
                 raise SystemExit(f"indexing {entry['file']} failed: {response.text}")
     return len(manifest)
@@ -119,13 +140,13 @@ Crossmodal Search is running: gateway on {gateway}
 """
 
 
-def run(args: argparse.Namespace) -> None:
+def run_stack(data_dir: Path, model: str | None, redis_url: str, no_demo: bool) -> None:
     from crossmodal.demo import ensure_demo_model
 
-    data_dir: Path = args.data_dir.resolve()
-    model = args.model or ensure_demo_model(data_dir / "demo" / "model")
-    redis_process = ensure_redis(args.redis_url, data_dir / "logs")
-    stack = LocalStack(data_dir, model=model, redis_url=args.redis_url)
+    data_dir = data_dir.resolve()
+    model = model or str(ensure_demo_model(data_dir / "demo" / "model"))
+    redis_process = ensure_redis(redis_url, data_dir / "logs")
+    stack = LocalStack(data_dir, model=model, redis_url=redis_url)
     stopping = False
 
     def stop(*_: object) -> None:
@@ -137,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         print("starting auth, feature, retrieval, metadata, gateway…", flush=True)
         stack.start()
-        if not args.no_demo:
+        if not no_demo:
             added = seed_demo_collection(stack, data_dir / "demo" / "collection")
             print(
                 f"demo collection '{DEMO_COLLECTION}': {added or 'already'} items indexed",
@@ -157,21 +178,547 @@ def run(args: argparse.Namespace) -> None:
             redis_process.wait(10)
 
 
+# --- the typer application -------------------------------------------------------------------
+
+app = typer.Typer(
+    name="crossmodal",
+    help="Crossmodal Search: run the stack locally, index images, search, manage collections.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+collections_app = typer.Typer(
+    help="List, inspect, create and delete collections.", no_args_is_help=False
+)
+app.add_typer(collections_app, name="collections")
+
+err = Console(stderr=True)
+out = Console()
+
+GatewayOption = Annotated[
+    str,
+    typer.Option("--gateway", envvar="CROSSMODAL_GATEWAY", help="Gateway URL.", show_default=True),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="CROSSMODAL_TOKEN",
+        help="Access token (default: the one `crossmodal login` saved for this gateway).",
+        show_default=False,
+    ),
+]
+CollectionOption = Annotated[str, typer.Option("--collection", "-c", help="Collection name.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _client(gateway: str, token: str | None) -> GatewayClient:
+    if not token:
+        saved = TokenStore().load(gateway)
+        if saved is None:
+            raise fail(f"no token for {gateway}: run `crossmodal login` or pass --token")
+        if saved.expired:
+            raise fail(f"the saved token for {gateway} has expired: run `crossmodal login`")
+        token = saved.access_token
+    return GatewayClient(gateway, token=token)
+
+
+def _problem(exc: GatewayError) -> typer.Exit:
+    return fail(str(exc))
+
+
+@app.command()
+def run(
+    data_dir: Annotated[Path, typer.Option(help="Where local state lives.")] = Path("var"),
+    model: Annotated[
+        str | None, typer.Option(help="Hub name or local path (default: the offline demo model).")
+    ] = None,
+    redis_url: Annotated[str, typer.Option()] = "redis://127.0.0.1:6379/0",
+    no_demo: Annotated[
+        bool, typer.Option("--no-demo", help="Do not index the demo collection.")
+    ] = False,
+) -> None:
+    """Start the whole stack locally (what `make run` does)."""
+    run_stack(data_dir, model, redis_url, no_demo)
+
+
+@app.command()
+def login(
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    username: Annotated[str | None, typer.Option(help="User name (password grant).")] = None,
+    password: Annotated[
+        str | None,
+        typer.Option(envvar="CROSSMODAL_PASSWORD", help="Asked for when not given."),
+    ] = None,
+    client_id: Annotated[str | None, typer.Option(help="Client id (client credentials).")] = None,
+    client_secret: Annotated[
+        str | None, typer.Option(envvar="CROSSMODAL_CLIENT_SECRET", help="Client secret.")
+    ] = None,
+    scope: Annotated[str | None, typer.Option(help="Space-separated scopes to ask for.")] = None,
+) -> None:
+    """Get a token from the gateway and save it for later commands (file mode 0600)."""
+    with GatewayClient(gateway) as client:
+        try:
+            if client_id:
+                secret = client_secret or typer.prompt("Client secret", hide_input=True)
+                token = client.client_token(client_id, secret, scope)
+            else:
+                user = username or typer.prompt("User name")
+                secret = password or typer.prompt("Password", hide_input=True)
+                token = client.password_token(user, secret, scope)
+        except GatewayError as exc:
+            raise _problem(exc) from None
+    store = TokenStore()
+    store.save(gateway, token)
+    until = (
+        datetime.fromtimestamp(token.expires_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if token.expires_at
+        else "no expiry given"
+    )
+    out.print(f"logged in to {gateway}; token saved in {store.path} (valid until {until})")
+
+
+@app.command()
+def logout(gateway: GatewayOption = DEFAULT_GATEWAY) -> None:
+    """Forget the token saved for this gateway."""
+    forgotten = TokenStore().forget(gateway)
+    out.print("token removed" if forgotten else f"no token saved for {gateway}")
+
+
+class ItemsPerSecondColumn(ProgressColumn):
+    """Throughput over the last seconds (rich's own speed estimate)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- items/s" if speed is None else f"{speed:.1f} items/s", style="cyan")
+
+
+@app.command()
+def index(
+    source: Annotated[
+        Path, typer.Argument(help="A folder, a COCO captions file, or a .jsonl/.csv manifest.")
+    ],
+    collection: CollectionOption,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="auto, folder, coco, jsonl or csv.")
+    ] = "auto",
+    images_root: Annotated[
+        Path | None, typer.Option(help="Where COCO image files are (default: guessed).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Uploads in flight.")] = 4,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=1024, help="Records read, checked and journaled together.")
+    ] = 32,
+    retries: Annotated[int, typer.Option(min=0, max=20, help="Retries of a passing failure.")] = 3,
+    journal: Annotated[
+        Path | None, typer.Option(help="Journal file (default: under ~/.cache/crossmodal).")
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore the journal of earlier runs.")
+    ] = False,
+    tag: Annotated[list[str] | None, typer.Option(help="A tag for every item; repeatable.")] = None,
+    allow_private_urls: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-urls",
+            help="Let URLs reach loopback, private and link-local addresses (SSRF guard off).",
+        ),
+    ] = False,
+    allow_network: Annotated[
+        list[str] | None,
+        typer.Option(help="A network URLs may reach despite the guard, e.g. 10.2.0.0/16."),
+    ] = None,
+    max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image to read.")] = 20.0,
+    url_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds per URL connect/read.")
+    ] = 10.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Index a folder, a COCO file or a manifest into a collection, resumably."""
+    from crossmodal.ingest import (
+        FetchPolicy,
+        IngestOptions,
+        Ingestor,
+        Journal,
+        JournalError,
+        SourceError,
+        default_journal_path,
+        load_records,
+    )
+    from crossmodal.ingest.sources import with_tags
+
+    if fmt not in ("auto", "folder", "coco", "jsonl", "csv"):
+        raise fail(f"unknown format {fmt!r}: use auto, folder, coco, jsonl or csv")
+    try:
+        records = with_tags(
+            load_records(source, fmt, images_root=images_root),  # type: ignore[arg-type]
+            tag or [],
+        )
+        networks = FetchPolicy.networks(allow_network or [])
+    except (SourceError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    max_bytes = int(max_image_mb * 1024 * 1024)
+    options = IngestOptions(
+        collection=collection,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        retries=retries,
+        max_image_bytes=max_bytes,
+        fetch_policy=FetchPolicy(
+            allow_private=allow_private_urls,
+            allowed_networks=networks,
+            max_bytes=max_bytes,
+            timeout=url_timeout,
+        ),
+    )
+    journal_path = journal or default_journal_path(source, collection)
+    if restart:
+        journal_path.unlink(missing_ok=True)
+    try:
+        log = Journal(journal_path, collection)
+    except JournalError as exc:
+        raise fail(str(exc)) from None
+    try:
+        client = _client(gateway, token)
+    except typer.Exit:
+        log.close()
+        raise
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ItemsPerSecondColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+    )
+    with client, log, progress:
+        ingestor = Ingestor(client, options, log)
+        todo = ingestor.pending(records)
+        task = progress.add_task(f"indexing into {collection}", total=len(todo))
+        ingestor.on_progress = lambda _outcome: progress.advance(task)
+        report = ingestor.run(records)
+    _print_report(report, journal_path)
+    if report.interrupted:
+        raise typer.Exit(130)
+    if report.failures:
+        raise typer.Exit(1)
+
+
+def _print_report(report: Any, journal_path: Path) -> None:
+    out.print(
+        f"{report.indexed} indexed, {report.duplicates} already there, "
+        f"{len(report.failures)} failed, {report.resumed} done by an earlier run "
+        f"({report.total} in the input) in {report.seconds:.1f}s "
+        f"= {report.items_per_second:.1f} items/s",
+        highlight=False,
+    )
+    if report.failures:
+        table = Table(title="failures", show_lines=False)
+        table.add_column("source", overflow="fold")
+        table.add_column("reason", overflow="fold")
+        for failure in report.failures[:50]:
+            table.add_row(failure.key, failure.error or "")
+        out.print(table)
+        if len(report.failures) > 50:
+            out.print(f"… and {len(report.failures) - 50} more (see {journal_path})")
+        out.print("Run the same command again to retry the failures.")
+    if report.interrupted:
+        out.print(f"Interrupted: run the same command again to resume ({journal_path}).")
+
+
+@app.command()
+def search(
+    collection: CollectionOption,
+    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Search by this image instead.")] = None,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = None,
+    top_k: Annotated[int, typer.Option(min=1, max=100)] = 10,
+    target: Annotated[str, typer.Option(help="image (images) or text (captions).")] = "image",
+    filters: Annotated[str | None, typer.Option(help="A JSON filter (docs/metadata.md).")] = None,
+    mode: Annotated[
+        str, typer.Option(help="vector, keyword or hybrid (text queries; needs gateway support).")
+    ] = "vector",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw answer.")] = False,
+) -> None:
+    """Search a collection by text or by image."""
+    if (query is None) == (image is None):
+        raise fail("give either a text query or --image")
+    if target not in ("image", "text"):
+        raise fail("--target is image or text")
+    try:
+        parsed_filters = json.loads(filters) if filters else None
+    except ValueError:
+        raise fail("--filters is not valid JSON") from None
+    with _client(gateway, token) as client:
+        try:
+            if image is not None:
+                try:
+                    data = image.read_bytes()
+                except OSError as exc:
+                    raise fail(f"{image}: {exc.strerror}") from None
+                answer = client.search_image(
+                    data,
+                    collection=collection,
+                    filename=image.name,
+                    top_k=top_k,
+                    target=target,
+                    filters=parsed_filters,
+                )
+            else:
+                answer = client.search_text(
+                    query or "",
+                    collection=collection,
+                    top_k=top_k,
+                    target=target,
+                    filters=parsed_filters,
+                    mode=mode,
+                )
+        except GatewayError as exc:
+            raise _problem(exc) from None
+    if as_json:
+        out.print_json(data=answer)
+        return
+    table = Table(title=f"{collection}: {len(answer['results'])} results")
+    for column in ("rank", "score", "item", "caption", "attributes"):
+        table.add_column(column, overflow="fold")
+    for hit in answer["results"]:
+        item = hit["item"]
+        caption = (hit.get("caption") or {}).get("text") or next(
+            (c["text"] for c in item.get("captions", [])), ""
+        )
+        table.add_row(
+            str(hit["rank"]),
+            f"{hit['score']:.4f}",
+            str(hit["item_id"]),
+            caption,
+            json.dumps(item.get("attributes", {}), ensure_ascii=False),
+        )
+    out.print(table)
+
+
+def _collection_table(collections: list[dict[str, Any]]) -> Table:
+    table = Table()
+    for column in ("name", "indexed", "pending", "failed", "captions", "model", "index"):
+        table.add_column(column, overflow="fold")
+    for entry in collections:
+        counts = entry.get("counts") or {}
+        table.add_row(
+            entry["name"],
+            str(entry.get("items", counts.get("indexed", ""))),
+            str(counts.get("pending", "")),
+            str(counts.get("failed", "")),
+            str(entry.get("captions", "")),
+            str(entry.get("model_id") or ""),
+            str((entry.get("index") or {}).get("factory", "")),
+        )
+    return table
+
+
+@collections_app.callback(invoke_without_command=True)
+def collections_default(
+    ctx: typer.Context,
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Without a subcommand: list the collections."""
+    if ctx.invoked_subcommand is None:
+        list_collections(gateway, token, as_json)
+
+
+@collections_app.command("list")
+def list_collections(
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the collections with their item counts."""
+    with _client(gateway, token) as client:
+        try:
+            collections = client.collections()
+        except GatewayError as exc:
+            raise _problem(exc) from None
+    if as_json:
+        out.print_json(data={"collections": collections})
+    else:
+        out.print(_collection_table(collections))
+
+
+@collections_app.command("show")
+def show_collection(
+    name: Annotated[str, typer.Argument()],
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = None,
+) -> None:
+    """Describe one collection: counts by status, model, index settings."""
+    with _client(gateway, token) as client:
+        try:
+            described = client.collection(name)
+        except GatewayError as exc:
+            raise _problem(exc) from None
+    out.print_json(data=described)
+
+
+@collections_app.command("create")
+def create_collection(
+    name: Annotated[str, typer.Argument()],
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = None,
+    model_id: Annotated[
+        str | None, typer.Option(help="The model its vectors must come from.")
+    ] = None,
+    index_factory: Annotated[
+        str | None, typer.Option(help="Faiss index factory, e.g. Flat or HNSW32.")
+    ] = None,
+    description: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Create a collection with its model and index settings."""
+    with _client(gateway, token) as client:
+        try:
+            created = client.create_collection(
+                name, model_id=model_id, index_factory=index_factory, description=description
+            )
+        except GatewayError as exc:
+            raise _problem(exc) from None
+    out.print_json(data=created)
+
+
+@collections_app.command("delete")
+def delete_collection(
+    name: Annotated[str, typer.Argument()],
+    gateway: GatewayOption = DEFAULT_GATEWAY,
+    token: TokenOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete a collection, its items and their vectors."""
+    if not yes:
+        typer.confirm(f"Delete collection {name!r} and everything in it?", abort=True)
+    with _client(gateway, token) as client:
+        try:
+            deleted = client.delete_collection(name)
+        except GatewayError as exc:
+            raise _problem(exc) from None
+    out.print_json(data=deleted)
+
+
+@app.command()
+def reconcile(
+    collection: Annotated[str, typer.Argument(help="The collection to check.")],
+    metadata_url: Annotated[
+        str, typer.Option(envvar="CROSSMODAL_METADATA_URL")
+    ] = "http://127.0.0.1:8004",
+    retrieval_url: Annotated[
+        str, typer.Option(envvar="CROSSMODAL_RETRIEVAL_URL")
+    ] = "http://127.0.0.1:8003",
+    feature_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CROSSMODAL_FEATURE_URL",
+            help="Re-embed with this feature service; without it, drifted items are marked failed.",
+        ),
+    ] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what the check finds.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="With --repair: index failed items again.")
+    ] = False,
+    stale_after: Annotated[
+        float, typer.Option(min=0, help="Seconds after which a pending item counts as stuck.")
+    ] = 600.0,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(help="After repairs, invalidate the gateway's cached pages in this Redis."),
+    ] = None,
+    cache_prefix: Annotated[str, typer.Option(help="The gateway's GATEWAY_CACHE_PREFIX.")] = (
+        "crossmodal"
+    ),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Find drift between metadata and retrieval (an operator tool: internal service URLs)."""
+    from crossmodal.reconcile import ReconcileError, Reconciler, bump_cache_version
+
+    timeout = httpx.Timeout(60.0, connect=5.0)
+    with (
+        httpx.Client(base_url=metadata_url, timeout=timeout) as metadata,
+        httpx.Client(base_url=retrieval_url, timeout=timeout) as retrieval,
+        httpx.Client(base_url=feature_url or "http://invalid", timeout=timeout) as feature,
+    ):
+        reconciler = Reconciler(metadata, retrieval, feature if feature_url else None)
+        try:
+            report = reconciler.check(collection, stale_after=timedelta(seconds=stale_after))
+            repaired = reconciler.repair(report, retry_failed=retry_failed) if repair else None
+        except (ReconcileError, httpx.HTTPError) as exc:
+            raise fail(str(exc)) from None
+    summary = report.summary()
+    if repaired is not None:
+        summary["repair"] = {
+            "reindexed": repaired.reindexed,
+            "marked_failed": repaired.marked_failed,
+            "vectors_deleted": repaired.vectors_deleted,
+            "errors": repaired.errors,
+        }
+        if redis_url and (repaired.reindexed or repaired.marked_failed or repaired.vectors_deleted):
+            bump_cache_version(redis_url, cache_prefix, collection)
+    if as_json:
+        out.print_json(data=summary)
+    else:
+        _print_drift(summary)
+    if repaired is not None:
+        if repaired.errors:
+            raise typer.Exit(1)
+    elif not report.clean:
+        raise typer.Exit(1)
+
+
+def _print_drift(summary: dict[str, Any]) -> None:
+    meta, retr = summary["metadata"], summary["retrieval"]
+    out.print(
+        f"{summary['collection']}: metadata {meta['indexed']} indexed, {meta['pending']} pending,"
+        f" {meta['failed']} failed; retrieval {retr.get('image', 0)} image and "
+        f"{retr.get('text', 0)} text vectors (checked by {summary['method']})",
+        highlight=False,
+    )
+    for key, label in (
+        ("missing", "indexed items with vectors missing"),
+        ("stuck", "items stuck pending"),
+        ("stale", "failed/stuck items that still have vectors"),
+        ("failed", "failed items"),
+    ):
+        ids = summary[key]
+        if ids:
+            shown = ", ".join(map(str, ids[:20])) + (" …" if len(ids) > 20 else "")
+            out.print(f"  {len(ids)} {label}: {shown}", highlight=False)
+    orphans = summary["orphans"]
+    if any(orphans.values()):
+        out.print(
+            f"  vectors without a metadata item: {orphans['image']} image, {orphans['text']} text",
+            highlight=False,
+        )
+    if "repair" in summary:
+        repair = summary["repair"]
+        out.print(
+            f"repaired: {len(repair['reindexed'])} re-indexed, {len(repair['marked_failed'])} "
+            f"marked failed, {repair['vectors_deleted']} vectors deleted",
+            highlight=False,
+        )
+        for error in repair["errors"]:
+            out.print(f"  [red]{error}[/red]")
+    elif summary["clean"]:
+        out.print("no drift")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="crossmodal", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="start the whole stack locally")
-    run_parser.add_argument("--data-dir", type=Path, default=Path("var"))
-    run_parser.add_argument(
-        "--model", help="hub name or local path (default: the offline demo model)"
-    )
-    run_parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    run_parser.add_argument(
-        "--no-demo", action="store_true", help="do not index the demo collection"
-    )
-    run_parser.set_defaults(handler=run)
-    args = parser.parse_args(argv)
-    args.handler(args)
+    """The ``crossmodal`` script (pyproject) and ``python -m crossmodal``."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="crossmodal")
 
 
 if __name__ == "__main__":

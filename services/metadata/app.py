@@ -8,25 +8,34 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
-from services.metadata.db import create_tables, make_engine
+from services.metadata.db import make_engine, upgrade
 from services.metadata.images import ImageStore
 from services.metadata.repository import Repository
 from services.metadata.schemas import (
     CaptionsOut,
+    CollectionCreate,
+    CollectionDeleted,
     CollectionOut,
     CollectionsOut,
     FilterOut,
     FilterRequest,
+    HashesOut,
+    HashesRequest,
     IdsRequest,
     ItemOut,
     ItemsOut,
+    ItemStatesOut,
+    ItemStatus,
+    KeywordSearchOut,
+    KeywordSearchRequest,
     StatusUpdate,
 )
 from services.metadata.settings import MetadataSettings
@@ -68,17 +77,25 @@ uploads = APIRouter(route_class=_UploadRoute)
 router = APIRouter()
 
 
-@uploads.post("/items", status_code=201)
+@uploads.post(
+    "/items",
+    status_code=201,
+    responses={409: {"description": "duplicate_item or duplicate_pending (docs/metadata.md)"}},
+)
 def create_item(
     repo: Repo,
     collection: Annotated[str, Form()],
     image: Annotated[UploadFile, File()],
     caption: Annotated[list[str] | None, Form()] = None,
     attributes: Annotated[str | None, Form(description="JSON object of scalar values")] = None,
+    tag: Annotated[list[str] | None, Form(description="Repeat for several.")] = None,
+    source_uri: Annotated[str | None, Form(description="Where the image came from")] = None,
 ) -> ItemOut:
     # One byte past the limit is enough to know the image is too large.
     data = image.file.read(repo.settings.max_image_bytes + 1)
-    return repo.create_item(collection, caption or [], attributes, data)
+    return repo.create_item(
+        collection, caption or [], attributes, data, tags=tag or [], source_uri=source_uri
+    )
 
 
 @router.get("/items/{item_id}")
@@ -87,10 +104,15 @@ def get_item(repo: Repo, item_id: int) -> ItemOut:
 
 
 @router.get("/items/{item_id}/image", response_class=Response)
-def get_item_image(repo: Repo, item_id: int, request: Request) -> Response:
-    stored = repo.image(item_id)
-    # The file is named by its hash, so the hash is a strong validator of its bytes.
-    etag = f'"{stored.sha256}"'
+def get_item_image(
+    repo: Repo,
+    item_id: int,
+    request: Request,
+    size: Annotated[Literal["original", "thumb"], Query()] = "original",
+) -> Response:
+    stored = repo.image(item_id, thumbnail=size == "thumb")
+    # Files are named by their content's hash, so the hash is a strong validator of the bytes.
+    etag = stored.etag
     headers = {"ETag": etag, "X-Content-Type-Options": "nosniff"}
     client_tags = {
         tag.strip().removeprefix("W/")
@@ -103,7 +125,7 @@ def get_item_image(repo: Repo, item_id: int, request: Request) -> Response:
 
 @router.patch("/items/{item_id}")
 def update_item(repo: Repo, item_id: int, body: StatusUpdate) -> ItemOut:
-    return repo.set_status(item_id, body.status)
+    return repo.set_status(item_id, body.status, model_id=body.model_id, error=body.error)
 
 
 @router.delete("/items/{item_id}", status_code=204, response_class=Response)
@@ -122,6 +144,11 @@ def lookup_captions(repo: Repo, body: IdsRequest) -> CaptionsOut:
     return CaptionsOut(captions=repo.lookup_captions(body.ids))
 
 
+@router.post("/collections", status_code=201)
+def create_collection(repo: Repo, body: CollectionCreate) -> CollectionOut:
+    return repo.create_collection(body)
+
+
 @router.get("/collections")
 def list_collections(repo: Repo) -> CollectionsOut:
     return CollectionsOut(collections=repo.list_collections())
@@ -132,9 +159,41 @@ def get_collection(repo: Repo, collection: str) -> CollectionOut:
     return repo.get_collection(collection)
 
 
+@router.delete("/collections/{collection}")
+def delete_collection(repo: Repo, collection: str) -> CollectionDeleted:
+    return repo.delete_collection(collection)
+
+
 @router.post("/collections/{collection}/filter")
 def filter_collection(repo: Repo, collection: str, body: FilterRequest) -> FilterOut:
     return repo.filter_items(collection, body.filters)
+
+
+@router.post("/collections/{collection}/keyword-search")
+def keyword_search(repo: Repo, collection: str, body: KeywordSearchRequest) -> KeywordSearchOut:
+    hits = repo.keyword_search(
+        collection, body.query, top_k=body.top_k, target=body.target, raw_filters=body.filters
+    )
+    return KeywordSearchOut(target=body.target, results=hits)
+
+
+@router.get("/collections/{collection}/items")
+def list_item_states(
+    repo: Repo,
+    collection: str,
+    status: Annotated[ItemStatus | None, Query()] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    updated_before: Annotated[datetime | None, Query()] = None,
+) -> ItemStatesOut:
+    return repo.item_states(
+        collection, status=status, after=after, limit=limit, updated_before=updated_before
+    )
+
+
+@router.post("/collections/{collection}/hashes")
+def find_hashes(repo: Repo, collection: str, body: HashesRequest) -> HashesOut:
+    return HashesOut(items=repo.find_hashes(collection, body.sha256))
 
 
 def create_app(settings: MetadataSettings | None = None) -> FastAPI:
@@ -144,7 +203,8 @@ def create_app(settings: MetadataSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
         try:
-            await run_in_threadpool(create_tables, engine)
+            # Migrations, not create_all: an existing database is brought up to date in place.
+            await run_in_threadpool(upgrade, engine)
             images = await run_in_threadpool(ImageStore, settings.image_dir)
             repository = Repository(engine, images, settings)
             await run_in_threadpool(repository.refresh_gauge)
@@ -164,7 +224,8 @@ def create_app(settings: MetadataSettings | None = None) -> FastAPI:
         "metadata",
         lifespan=lifespan,
         readiness=readiness,
-        description="Collections, items, captions and their images; attribute filters.",
+        description="Collections, items, captions, tags and their images; filters and keyword "
+        "search.",
     )
     app.state.settings = settings
     app.include_router(uploads)

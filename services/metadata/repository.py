@@ -1,8 +1,19 @@
-"""The metadata domain: items, captions, collections and attribute filters over SQLAlchemy
-(sync; the HTTP layer calls it from worker threads) plus the content-addressed image store."""
+"""The metadata domain: collections, items, captions, tags, filters and keyword search over
+SQLAlchemy (sync; the HTTP layer calls it from worker threads) plus the content-addressed image
+store with its thumbnails.
+
+Duplicate policy (docs/metadata.md): within one collection an image is stored once, identified by
+the SHA-256 of its bytes. Uploading bytes the collection already holds answers 409
+``duplicate_item`` when that item is indexed and 409 ``duplicate_pending`` while it is pending
+(being indexed, or stuck until ``crossmodal reconcile`` repairs it); when that item has failed, the
+upload is its retry: the item keeps its id, takes the new captions, tags and attributes, and is
+pending again.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -10,30 +21,45 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Gauge
-from sqlalchemy import ColumnElement, Engine, and_, delete, func, or_, select, type_coerce, update
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from services.metadata.images import ImageStore, check_image
-from services.metadata.models import STATUSES, Caption, Collection, Item, utcnow
+from services.metadata.filters import compile_filter, parse_filter
+from services.metadata.fulltext import keyword_select, query_terms
+from services.metadata.images import (
+    THUMBNAIL_CONTENT_TYPE,
+    CheckedImage,
+    ImageStore,
+    check_image,
+    make_thumbnail,
+)
+from services.metadata.models import STATUSES, Caption, Collection, Item, ItemTag, utcnow
 from services.metadata.schemas import (
     CaptionOut,
     CaptionRef,
+    CollectionCreate,
+    CollectionDeleted,
     CollectionOut,
     FilterOut,
+    HashMatch,
+    IndexSettings,
     ItemOut,
+    ItemState,
+    ItemStatesOut,
+    KeywordHit,
+    StatusCounts,
 )
 from services.metadata.settings import MetadataSettings
 from services.metadata.validation import (
-    Scalar,
     check_captions,
     check_collection_name,
+    check_source_uri,
+    check_tags,
     is_collection_name,
     parse_attributes,
-    parse_filters,
 )
-from shared.problems import NotFound, ProblemError
+from shared.problems import Conflict, NotFound, ProblemError
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +82,32 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
+
+
 def _item_view(item: Item) -> ItemOut:
     return ItemOut(
         id=item.id,
         collection=item.collection,
         captions=[CaptionOut(id=c.id, text=c.text) for c in item.captions],
         attributes=item.attributes,
+        tags=item.tags,
         status=item.status,  # type: ignore[arg-type]  # the CHECK constraint keeps it valid
         image_sha256=item.image_sha256,
         content_type=item.content_type,
+        source_uri=item.source_uri,
+        model_id=item.model_id,
+        error=item.error,
+        attempts=item.attempts,
         created_at=_utc(item.created_at),
         updated_at=_utc(item.updated_at),
+        indexed_at=_utc_or_none(item.indexed_at),
     )
+
+
+def _search_text(captions: list[str], tags: list[str]) -> str:
+    return "\n".join([*captions, " ".join(tags)]).strip()
 
 
 def item_not_found(item_id: int) -> NotFound:
@@ -78,11 +118,29 @@ def collection_not_found(name: str) -> NotFound:
     return NotFound(f"collection {name[:80]!r} does not exist", code="collection_not_found")
 
 
+def _lock_key(*parts: str) -> int:
+    # A signed 64-bit key for pg_advisory_xact_lock.
+    digest = hashlib.sha256("\0".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 @dataclass(frozen=True)
 class StoredImage:
     path: Path
-    sha256: str
+    etag: str
     content_type: str
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """A checked upload, ready to store."""
+
+    collection: str
+    captions: list[str]
+    tags: list[str]
+    attributes: dict[str, Any]
+    source_uri: str | None
+    image: CheckedImage
 
 
 class Repository:
@@ -99,61 +157,140 @@ class Repository:
 
     # --- items ----------------------------------------------------------------------------
 
+    def check_upload(
+        self,
+        collection: str,
+        captions: list[str],
+        attributes: str | None,
+        image_data: bytes,
+        *,
+        tags: list[str] | None = None,
+        source_uri: str | None = None,
+    ) -> NewItem:
+        limits = self.settings
+        collection = check_collection_name(collection)
+        captions = check_captions(
+            captions, max_captions=limits.max_captions, max_chars=limits.max_caption_chars
+        )
+        checked_tags = check_tags(tags or [])
+        attribute_values = parse_attributes(attributes)
+        uri = check_source_uri(source_uri)
+        # The cheap checks above run first; decoding the image header is the costly one.
+        image = check_image(
+            image_data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+        )
+        return NewItem(collection, captions, checked_tags, attribute_values, uri, image)
+
     def create_item(
         self,
         collection: str,
         captions: list[str],
         attributes: str | None,
         image_data: bytes,
+        *,
+        tags: list[str] | None = None,
+        source_uri: str | None = None,
     ) -> ItemOut:
-        """Check the upload, store the image (once per content) and the item, pending, in
-        ``collection`` (created on first use). ``attributes`` is the JSON object text."""
-        limits = self.settings
-        collection = check_collection_name(collection)
-        captions = check_captions(
-            captions, max_captions=limits.max_captions, max_chars=limits.max_caption_chars
+        """Check the upload, store the image (once per content) and its thumbnail, and the item,
+        pending, in ``collection`` (created on first use). ``attributes`` is the JSON object
+        text. Follows the duplicate policy of this module's docstring."""
+        new = self.check_upload(
+            collection, captions, attributes, image_data, tags=tags, source_uri=source_uri
         )
-        attribute_values = parse_attributes(attributes)
-        # The cheap checks above run first; decoding the image header is the costly one.
-        image = check_image(
-            image_data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
-        )
+        sha256 = new.image.sha256
+        size = self.settings.thumbnail_size
+        # Decoding is the slow part: done once per content, outside every lock.
+        thumbnail = None
+        if not self.images.thumbnail_path(sha256, size).exists():
+            thumbnail = make_thumbnail(new.image.data, size)
         now = utcnow()
         # Held across "write file + commit the row" so a concurrent delete of the last item using
         # the same bytes cannot remove the file between the two.
-        with self.images.lock(image.sha256):
-            wrote = self.images.put(image.sha256, image.data)
+        with self.images.lock(sha256):
+            wrote = self.images.put(sha256, new.image.data)
+            if thumbnail is not None:
+                self.images.put_thumbnail(sha256, size, thumbnail)
             try:
                 with self._session.begin() as session:
-                    # Written first: the transaction starts with a write, so SQLite takes its write
-                    # lock up front (waiting on busy_timeout) instead of failing to upgrade later.
-                    session.execute(self._insert_collection(collection, now))
-                    item = Item(
-                        collection=collection,
-                        status="pending",
-                        attributes=attribute_values,
-                        image_sha256=image.sha256,
-                        content_type=image.content_type,
-                        created_at=now,
-                        updated_at=now,
-                        captions=[Caption(position=i, text=t) for i, t in enumerate(captions)],
-                    )
-                    session.add(item)
-                    session.flush()
-                    view = _item_view(item)
+                    view = self._store_item(session, new, now)
             except BaseException:
                 if wrote:  # nothing else can reference a file this call just created
-                    self.images.remove(image.sha256)
+                    self.images.remove(sha256)
                 raise
-        self.refresh_gauge(collection)
+        self.refresh_gauge(new.collection)
         return view
+
+    def _store_item(self, session: Session, new: NewItem, now: datetime) -> ItemOut:
+        # Written first: the transaction starts with a write, so SQLite takes its write lock up
+        # front (waiting on busy_timeout): the duplicate check below cannot race another writer.
+        session.execute(self._insert_collection(new.collection, now))
+        if self.dialect == "postgresql":
+            # PostgreSQL: one upload of given bytes per collection at a time, across replicas.
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"),
+                {"key": _lock_key(new.collection, new.image.sha256)},
+            )
+        existing = session.scalars(
+            select(Item)
+            .where(Item.collection == new.collection, Item.image_sha256 == new.image.sha256)
+            .order_by(Item.id)
+            .limit(1)
+        ).first()
+        search_text = _search_text(new.captions, new.tags)
+        if existing is not None and existing.status != "failed":
+            indexed = existing.status == "indexed"
+            raise Conflict(
+                f"this image is already item {existing.id} of collection {new.collection!r}"
+                + ("" if indexed else ", still being indexed"),
+                code="duplicate_item" if indexed else "duplicate_pending",
+                # "status" is the problem body's HTTP status: the item's goes by another name.
+                extra={"item_id": existing.id, "item_status": existing.status},
+            )
+        if existing is not None:
+            # A retry of a failed item: same id, the new captions, tags and attributes.
+            session.execute(delete(Caption).where(Caption.item_id == existing.id))
+            session.execute(delete(ItemTag).where(ItemTag.item_id == existing.id))
+            session.expire(existing, ["captions", "tag_rows"])
+            existing.status = "pending"
+            existing.attributes = new.attributes
+            existing.source_uri = new.source_uri
+            existing.search_text = search_text
+            existing.updated_at = now
+            item = existing
+            session.flush()
+            session.add_all(
+                Caption(item_id=item.id, position=i, text=t) for i, t in enumerate(new.captions)
+            )
+            session.add_all(
+                ItemTag(item_id=item.id, position=i, tag=t) for i, t in enumerate(new.tags)
+            )
+            session.flush()
+            session.refresh(item, ["captions", "tag_rows"])
+        else:
+            item = Item(
+                collection=new.collection,
+                status="pending",
+                attributes=new.attributes,
+                image_sha256=new.image.sha256,
+                content_type=new.image.content_type,
+                source_uri=new.source_uri,
+                search_text=search_text,
+                attempts=0,
+                created_at=now,
+                updated_at=now,
+                captions=[Caption(position=i, text=t) for i, t in enumerate(new.captions)],
+                tag_rows=[ItemTag(position=i, tag=t) for i, t in enumerate(new.tags)],
+            )
+            session.add(item)
+            session.flush()
+        return _item_view(item)
 
     def _insert_collection(self, name: str, now: datetime) -> Any:
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         # ON CONFLICT DO NOTHING: two first uploads to a new collection must not race to a 500.
         return (
             insert(Collection)
-            .values(name=name, created_at=now)
+            .values(name=name, created_at=now, updated_at=now, index_settings={})
             .on_conflict_do_nothing(index_elements=["name"])
         )
 
@@ -166,7 +303,9 @@ class Repository:
                 raise item_not_found(item_id)
             return _item_view(item)
 
-    def image(self, item_id: int) -> StoredImage:
+    def image(self, item_id: int, *, thumbnail: bool = False) -> StoredImage:
+        """The stored original, or its thumbnail (made now if the item predates thumbnails or
+        the configured size changed)."""
         if not _is_int64(item_id):
             raise item_not_found(item_id)
         with self._session() as session:
@@ -175,33 +314,78 @@ class Repository:
             ).first()
         if row is None:
             raise item_not_found(item_id)
-        path = self.images.path(row.image_sha256)
-        if not path.is_file():
-            # The row says the file exists: its absence is data loss, not a caller error.
-            raise ProblemError(f"the image of item {item_id} is missing", code="image_missing")
-        return StoredImage(path, row.image_sha256, row.content_type)
+        sha256 = row.image_sha256
+        path = self.images.path(sha256)
+        if not thumbnail:
+            if not path.is_file():
+                # The row says the file exists: its absence is data loss, not a caller error.
+                raise ProblemError(f"the image of item {item_id} is missing", code="image_missing")
+            return StoredImage(path, f'"{sha256}"', row.content_type)
+        size = self.settings.thumbnail_size
+        thumb = self.images.thumbnail_path(sha256, size)
+        if not thumb.is_file():
+            with self.images.lock(sha256):
+                if not path.is_file():
+                    raise ProblemError(
+                        f"the image of item {item_id} is missing", code="image_missing"
+                    )
+                self.images.put_thumbnail(sha256, size, make_thumbnail(path.read_bytes(), size))
+        return StoredImage(thumb, f'"{sha256}-{size}"', THUMBNAIL_CONTENT_TYPE)
 
-    def set_status(self, item_id: int, status: str) -> ItemOut:
+    def set_status(
+        self,
+        item_id: int,
+        status: str,
+        *,
+        model_id: str | None = None,
+        error: str | None = None,
+    ) -> ItemOut:
+        """Move an item to ``status``. ``indexed`` records the vectors' model (and gives it to the
+        collection if it has none yet; another model is 409 ``model_mismatch``) and clears the
+        last error; ``failed`` records ``error`` and counts the attempt."""
         if not _is_int64(item_id):
             raise item_not_found(item_id)
+        now = utcnow()
         with self._session.begin() as session:
-            result = session.execute(
-                update(Item)
-                .where(Item.id == item_id)
-                .values(status=status, updated_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount == 0:  # type: ignore[attr-defined]
+            item = session.get(Item, item_id, with_for_update=self.dialect == "postgresql")
+            if item is None:
                 raise item_not_found(item_id)
-            item = session.get(Item, item_id)
-            assert item is not None  # updated just above, in this transaction
+            if status == "indexed":
+                if model_id is not None:
+                    self._claim_model(session, item.collection, model_id)
+                    item.model_id = model_id
+                item.indexed_at = now
+                item.error = None
+            elif status == "failed":
+                item.error = (error or "unknown error")[:4000]
+                item.attempts = (item.attempts or 0) + 1
+                item.indexed_at = None
+            else:
+                item.indexed_at = None
+            item.status = status
+            item.updated_at = now
+            session.flush()
             view = _item_view(item)
         self.refresh_gauge(view.collection)
         return view
 
+    def _claim_model(self, session: Session, collection: str, model_id: str) -> None:
+        row = session.get(Collection, collection, with_for_update=self.dialect == "postgresql")
+        if row is None:  # the item's foreign key makes this impossible
+            raise collection_not_found(collection)
+        if row.model_id is None:
+            row.model_id = model_id
+            row.updated_at = utcnow()
+        elif row.model_id != model_id:
+            raise Conflict(
+                f"collection {collection!r} holds vectors of model {row.model_id!r}, "
+                f"not {model_id!r}",
+                code="model_mismatch",
+            )
+
     def delete_item(self, item_id: int) -> None:
-        """Delete the item (its captions go by ON DELETE CASCADE), then its image file if no
-        other item uses the same bytes."""
+        """Delete the item (its captions and tags go by ON DELETE CASCADE), then its image file
+        and thumbnails if no other item uses the same bytes."""
         if not _is_int64(item_id):
             raise item_not_found(item_id)
         with self._session.begin() as session:
@@ -214,11 +398,15 @@ class Repository:
         if row is None:
             raise item_not_found(item_id)
         sha256, collection = row
-        with self.images.lock(sha256), self._session() as session:
-            in_use = session.scalar(select(Item.id).where(Item.image_sha256 == sha256).limit(1))
-            if in_use is None:
-                self.images.remove(sha256)
+        self._remove_unused_images([sha256])
         self.refresh_gauge(collection)
+
+    def _remove_unused_images(self, hashes: list[str]) -> None:
+        for sha256 in hashes:
+            with self.images.lock(sha256), self._session() as session:
+                in_use = session.scalar(select(Item.id).where(Item.image_sha256 == sha256).limit(1))
+                if in_use is None:
+                    self.images.remove(sha256)
 
     def lookup_items(self, ids: list[int]) -> list[ItemOut]:
         """Existing items among ``ids``, in request order, each once."""
@@ -245,20 +433,28 @@ class Repository:
             }
         return [found[i] for i in wanted if i in found]
 
-    # --- collections and filters -------------------------------------------------------------
+    # --- filters and keyword search ---------------------------------------------------------
+
+    def _require_collection(self, session: Session, name: str) -> Collection:
+        row = session.get(Collection, name) if is_collection_name(name) else None
+        if row is None:
+            raise collection_not_found(name)
+        return row
+
+    def _searchable(self, collection: str, raw_filters: Any) -> list[Any]:
+        """The conditions every search answer meets: the collection, indexed, the filter."""
+        condition = compile_filter(parse_filter(raw_filters), self.dialect)
+        conditions: list[Any] = [Item.collection == collection, Item.status == "indexed"]
+        if condition is not None:
+            conditions.append(condition)
+        return conditions
 
     def filter_items(self, collection: str, raw_filters: Any) -> FilterOut:
-        """Indexed items of ``collection`` (and their captions) whose attributes equal one of the
-        listed values for every key: the allow-list a search runs against."""
-        filters = parse_filters(raw_filters)
+        """Indexed items of ``collection`` (and their captions) that match the filter: the
+        allow-list a vector search runs against."""
+        conditions = self._searchable(collection, raw_filters)
         with self._session() as session:
-            if not is_collection_name(collection) or session.get(Collection, collection) is None:
-                raise collection_not_found(collection)
-            conditions = [Item.collection == collection, Item.status == "indexed"]
-            conditions += [
-                or_(*(self._attribute_equals(key, value) for value in values))
-                for key, values in filters.items()
-            ]
+            self._require_collection(session, collection)
             item_ids = session.scalars(select(Item.id).where(*conditions).order_by(Item.id)).all()
             caption_ids = session.scalars(
                 select(Caption.id)
@@ -268,45 +464,167 @@ class Repository:
             ).all()
         return FilterOut(item_ids=list(item_ids), caption_ids=list(caption_ids))
 
-    def _attribute_equals(self, key: str, value: Scalar) -> ColumnElement[bool]:
-        """``attributes[key] == value`` with JSON types respected (1 == 1.0, but "1" != 1 and
-        true != 1), as bound parameters on both dialects."""
-        if self.dialect == "postgresql":
-            # JSONB containment compares numbers numerically and uses the GIN index.
-            return type_coerce(Item.attributes, JSONB).contains({key: value})
-        # SQLite: json_type tells null/true/false/integer/real/text apart, which json_extract
-        # alone cannot (it returns 1 for both true and 1, and NULL for both null and missing).
-        path = f'$."{key}"'  # safe: keys are checked against ATTRIBUTE_KEY
-        kind = func.json_type(Item.attributes, path)
-        if value is None:
-            return kind == "null"
-        if isinstance(value, bool):
-            return kind == ("true" if value else "false")
-        extracted = func.json_extract(Item.attributes, path)
-        if isinstance(value, int | float):
-            return and_(kind.in_(("integer", "real")), extracted == value)
-        return and_(kind == "text", extracted == value)
+    def keyword_search(
+        self, collection: str, query: str, *, top_k: int, target: str, raw_filters: Any = None
+    ) -> list[KeywordHit]:
+        """Indexed items (target=image) or their captions (target=text) ranked by how well their
+        words match ``query``; see ``fulltext``."""
+        terms = query_terms(query)
+        conditions = self._searchable(collection, raw_filters)
+        with self._session() as session:
+            self._require_collection(session, collection)
+            rows = session.execute(
+                keyword_select(self.dialect, target, terms, conditions).limit(top_k)
+            ).all()
+        return [KeywordHit(id=r.id, item_id=r.item_id, score=float(r.score)) for r in rows]
+
+    # --- collections ----------------------------------------------------------------------
+
+    def create_collection(self, body: CollectionCreate) -> CollectionOut:
+        now = utcnow()
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        with self._session.begin() as session:
+            created = session.execute(
+                insert(Collection)
+                .values(
+                    name=body.name,
+                    created_at=now,
+                    updated_at=now,
+                    model_id=body.model_id,
+                    index_settings=body.index.model_dump(),
+                    description=body.description,
+                )
+                .on_conflict_do_nothing(index_elements=["name"])
+                .returning(Collection.name)
+            ).first()
+        if created is None:
+            raise Conflict(f"collection {body.name!r} already exists", code="collection_exists")
+        self.refresh_gauge(body.name)
+        return self.get_collection(body.name)
+
+    def _describe(self, session: Session, rows: list[Collection]) -> list[CollectionOut]:
+        names = [row.name for row in rows]
+        if not names:
+            return []
+        counts: dict[str, dict[str, int]] = {name: {} for name in names}
+        for name, status, count in session.execute(
+            select(Item.collection, Item.status, func.count(Item.id))
+            .where(Item.collection.in_(names))
+            .group_by(Item.collection, Item.status)
+        ):
+            counts[name][status] = count
+        captions = dict(
+            session.execute(
+                select(Item.collection, func.count(Caption.id))
+                .join(Caption, Caption.item_id == Item.id)
+                .where(Item.collection.in_(names), Item.status == "indexed")
+                .group_by(Item.collection)
+            ).all()
+        )
+        return [
+            CollectionOut(
+                name=row.name,
+                items=counts[row.name].get("indexed", 0),
+                counts=StatusCounts(**counts[row.name]),
+                captions=captions.get(row.name, 0),
+                model_id=row.model_id,
+                index=IndexSettings(**(row.index_settings or {})),
+                description=row.description,
+                created_at=_utc(row.created_at),
+                updated_at=_utc_or_none(row.updated_at),
+            )
+            for row in rows
+        ]
 
     def get_collection(self, name: str) -> CollectionOut:
-        if not is_collection_name(name):
-            raise collection_not_found(name)
         with self._session() as session:
-            if session.get(Collection, name) is None:
-                raise collection_not_found(name)
-            count = session.scalar(
-                select(func.count(Item.id)).where(Item.collection == name, Item.status == "indexed")
-            )
-        return CollectionOut(name=name, items=count or 0)
+            row = self._require_collection(session, name)
+            return self._describe(session, [row])[0]
 
     def list_collections(self) -> list[CollectionOut]:
         with self._session() as session:
+            rows = list(session.scalars(select(Collection).order_by(Collection.name)))
+            return self._describe(session, rows)
+
+    def delete_collection(self, name: str) -> CollectionDeleted:
+        """Delete a collection with its items, captions and tags, then the image files no other
+        collection uses. The vectors are the retrieval service's to drop."""
+        with self._session.begin() as session:
+            self._require_collection(session, name)
+            hashes = list(
+                session.scalars(select(Item.image_sha256).where(Item.collection == name).distinct())
+            )
+            captions = session.scalar(
+                select(func.count(Caption.id))
+                .join(Item, Item.id == Caption.item_id)
+                .where(Item.collection == name)
+            )
+            items = session.execute(
+                delete(Item)
+                .where(Item.collection == name)
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]
+            session.execute(delete(Collection).where(Collection.name == name))
+        self._remove_unused_images(hashes)
+        for status in STATUSES:
+            with contextlib.suppress(KeyError):  # a label never set on this replica
+                ITEMS.remove(name, status)
+        return CollectionDeleted(name=name, deleted_items=items, deleted_captions=captions or 0)
+
+    # --- ingestion state: what reconcile and resuming clients ask --------------------------
+
+    def item_states(
+        self,
+        collection: str,
+        *,
+        status: str | None = None,
+        after: int | None = None,
+        limit: int = 1000,
+        updated_before: datetime | None = None,
+    ) -> ItemStatesOut:
+        """One page of the collection's items (id order) with their status and caption ids."""
+        with self._session() as session:
+            self._require_collection(session, collection)
+            query = select(Item).where(Item.collection == collection)
+            if status is not None:
+                query = query.where(Item.status == status)
+            if after is not None:
+                query = query.where(Item.id > after)
+            if updated_before is not None:
+                query = query.where(Item.updated_at < _utc(updated_before))
+            items = list(session.scalars(query.order_by(Item.id).limit(limit + 1)))
+            page = items[:limit]
+            states = [
+                ItemState(
+                    id=item.id,
+                    status=item.status,  # type: ignore[arg-type]
+                    image_sha256=item.image_sha256,
+                    caption_ids=[c.id for c in item.captions],
+                    model_id=item.model_id,
+                    error=item.error,
+                    attempts=item.attempts,
+                    updated_at=_utc(item.updated_at),
+                )
+                for item in page
+            ]
+        next_after = page[-1].id if len(items) > limit else None
+        return ItemStatesOut(items=states, next_after=next_after)
+
+    def find_hashes(self, collection: str, hashes: list[str]) -> list[HashMatch]:
+        """Which of these image hashes the collection holds, and in which state: lets a client
+        skip uploads that would be duplicates."""
+        wanted = list(dict.fromkeys(hashes))
+        with self._session() as session:
+            self._require_collection(session, collection)
             rows = session.execute(
-                select(Collection.name, func.count(Item.id))
-                .outerjoin(Item, and_(Item.collection == Collection.name, Item.status == "indexed"))
-                .group_by(Collection.name)
-                .order_by(Collection.name)
+                select(Item.image_sha256, Item.id, Item.status)
+                .where(Item.collection == collection, Item.image_sha256.in_(wanted))
+                .order_by(Item.id)
             ).all()
-        return [CollectionOut(name=name, items=count) for name, count in rows]
+        found: dict[str, HashMatch] = {}
+        for sha256, item_id, status in rows:
+            found.setdefault(sha256, HashMatch(sha256=sha256, id=item_id, status=status))
+        return [found[h] for h in wanted if h in found]
 
     # --- metrics ----------------------------------------------------------------------------
 

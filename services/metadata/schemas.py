@@ -1,14 +1,23 @@
-"""Request and response bodies of the metadata API (docs/architecture.md, metadata section)."""
+"""Request and response bodies of the metadata API (docs/architecture.md and docs/metadata.md)."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from shared.collections import COLLECTION_NAME_PATTERN
 
 ItemStatus = Literal["pending", "indexed", "failed"]
+Target = Literal["image", "text"]
 MAX_LOOKUP_IDS = 10_000
+MAX_HASHES = 10_000
+MAX_KEYWORD_TOP_K = 1000
+# A Faiss index factory string such as "Flat", "HNSW32" or "IVF256,PQ16x8": letters, digits and
+# a few separators, never free text.
+INDEX_FACTORY = re.compile(r"^[A-Za-z0-9_,.=x-]{1,128}$")
 
 
 class CaptionOut(BaseModel):
@@ -21,11 +30,18 @@ class ItemOut(BaseModel):
     collection: str
     captions: list[CaptionOut]
     attributes: dict[str, Any]
+    tags: list[str]
     status: ItemStatus
     image_sha256: str
     content_type: str
+    source_uri: str | None
+    model_id: str | None
+    # The reason of the last failure (kept after a successful retry, until the next failure).
+    error: str | None
+    attempts: int
     created_at: datetime  # always UTC, serialised as ISO 8601 with "Z"
     updated_at: datetime
+    indexed_at: datetime | None
 
 
 class ItemsOut(BaseModel):
@@ -47,19 +63,64 @@ class FilterOut(BaseModel):
     caption_ids: list[int]
 
 
+class IndexSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    factory: str = Field("Flat", description="Faiss index factory string, e.g. Flat or HNSW32.")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, value: str) -> str:
+        if not INDEX_FACTORY.fullmatch(value):
+            raise ValueError("a Faiss factory string: letters, digits and , . = x - _ only")
+        return value
+
+
+class StatusCounts(BaseModel):
+    pending: int = 0
+    indexed: int = 0
+    failed: int = 0
+
+
 class CollectionOut(BaseModel):
     name: str
-    items: int  # indexed items only: what a search can return
+    items: int = Field(description="indexed items only: what a search can return")
+    counts: StatusCounts
+    captions: int = Field(description="captions of indexed items")
+    model_id: str | None
+    index: IndexSettings
+    description: str | None
+    created_at: datetime
+    updated_at: datetime | None
 
 
 class CollectionsOut(BaseModel):
     collections: list[CollectionOut]
 
 
+class CollectionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=COLLECTION_NAME_PATTERN)
+    model_id: str | None = Field(None, min_length=1, max_length=256)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    description: str | None = Field(None, max_length=2000)
+
+
+class CollectionDeleted(BaseModel):
+    name: str
+    deleted_items: int
+    deleted_captions: int
+
+
 class StatusUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: ItemStatus
+    model_id: str | None = Field(
+        None, min_length=1, max_length=256, description="with indexed: the vectors' model"
+    )
+    error: str | None = Field(None, max_length=4000, description="with failed: the reason")
 
 
 class IdsRequest(BaseModel):
@@ -67,5 +128,58 @@ class IdsRequest(BaseModel):
 
 
 class FilterRequest(BaseModel):
-    # Checked by hand (validation.parse_filters) so a bad shape answers code "invalid_filter".
+    # Checked by hand (filters.parse_filter) so a bad shape answers code "invalid_filter".
     filters: Any = None
+
+
+class KeywordSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=1000)
+    top_k: int = Field(10, ge=1, le=MAX_KEYWORD_TOP_K)
+    target: Target = "image"
+    filters: Any = None
+
+
+class KeywordHit(BaseModel):
+    id: int = Field(description="the item id (target=image) or caption id (target=text)")
+    item_id: int
+    score: float = Field(description="higher is better; comparable within one answer only")
+
+
+class KeywordSearchOut(BaseModel):
+    target: Target
+    results: list[KeywordHit]
+
+
+class ItemState(BaseModel):
+    id: int
+    status: ItemStatus
+    image_sha256: str
+    caption_ids: list[int]
+    model_id: str | None
+    error: str | None
+    attempts: int
+    updated_at: datetime
+
+
+class ItemStatesOut(BaseModel):
+    items: list[ItemState]
+    next_after: int | None = Field(description="pass as `after` for the next page; null at the end")
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class HashesRequest(BaseModel):
+    sha256: list[Sha256] = Field(max_length=MAX_HASHES)
+
+
+class HashMatch(BaseModel):
+    sha256: str
+    id: int
+    status: ItemStatus
+
+
+class HashesOut(BaseModel):
+    items: list[HashMatch]

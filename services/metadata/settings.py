@@ -22,3 +22,5 @@ class MetadataSettings(ServiceSettings):
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_captions: int = Field(32, ge=0)
     max_caption_chars: int = Field(1000, ge=1)
+    # Longer side of the thumbnails made at ingest (GET /items/{id}/image?size=thumb).
+    thumbnail_size: int = Field(256, ge=16, le=2048)

@@ -1,5 +1,6 @@
-"""Checks of client input: collection names, captions, attributes and filters. Each failure is
-a 422 problem with its own ``code`` so callers can tell what to fix."""
+"""Checks of client input: collection names, captions, tags, attributes and source URIs. Each
+failure is a 422 problem with its own ``code`` so callers can tell what to fix. (The filter
+language has its own module, ``filters``.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")
 MAX_ATTRIBUTES: Final = 64
 MAX_ATTRIBUTE_CHARS: Final = 1000
 MAX_FILTER_VALUES: Final = 1000
+MAX_TAGS: Final = 64
+# A tag is one word or short phrase: letters, digits and a few separators, no control characters
+# and no surrounding spaces.
+TAG = re.compile(r"^[\w][\w .:/+&'#-]{0,62}[\w]$|^[\w]$")
+MAX_SOURCE_URI_CHARS: Final = 2048
 # SQLite stores JSON integers as signed 64-bit; larger ones would silently become floats.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -51,7 +57,38 @@ def check_captions(captions: list[str], *, max_captions: int, max_chars: int) ->
     return cleaned
 
 
-def _scalar_problem(value: Any) -> str | None:
+def check_tags(tags: list[str]) -> list[str]:
+    """Tags with surrounding whitespace removed and repeats dropped (first one kept)."""
+    cleaned: list[str] = []
+    for index, tag in enumerate(tags):
+        text = tag.strip()
+        if not TAG.fullmatch(text):
+            raise Unprocessable(
+                f"tag {index} ({text[:80]!r}) must be 1-64 letters, digits, spaces or . : / + & ' # -"
+                ", starting and ending with a letter or digit",
+                code="invalid_tag",
+            )
+        if text not in cleaned:
+            cleaned.append(text)
+    if len(cleaned) > MAX_TAGS:
+        raise Unprocessable(f"an item has at most {MAX_TAGS} tags", code="invalid_tag")
+    return cleaned
+
+
+def check_source_uri(uri: str | None) -> str | None:
+    """Where the image came from: stored as given, only bounded and without control characters."""
+    if uri is None or not uri.strip():
+        return None
+    uri = uri.strip()
+    if len(uri) > MAX_SOURCE_URI_CHARS or any(ord(ch) < 32 or ord(ch) == 127 for ch in uri):
+        raise Unprocessable(
+            f"source_uri must be at most {MAX_SOURCE_URI_CHARS} printable characters",
+            code="invalid_source_uri",
+        )
+    return uri
+
+
+def scalar_problem(value: Any) -> str | None:
     """Why ``value`` cannot be an attribute value, or None if it can."""
     if value is None or isinstance(value, bool):
         return None
@@ -86,38 +123,7 @@ def parse_attributes(raw: str | None) -> dict[str, Scalar]:
                 f"attribute key {key[:80]!r} must match {ATTRIBUTE_KEY.pattern}",
                 code="invalid_attributes",
             )
-        problem = _scalar_problem(item)
+        problem = scalar_problem(item)
         if problem:
             raise Unprocessable(f"attribute {key!r}: {problem}", code="invalid_attributes")
     return value
-
-
-def parse_filters(raw: Any) -> dict[str, list[Scalar]]:
-    """``{attribute: value | [values]}`` → ``{attribute: [values]}``; null or absent means {}."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise Unprocessable("filters must be a JSON object", code="invalid_filter")
-    parsed: dict[str, list[Scalar]] = {}
-    total = 0
-    for key, spec in raw.items():
-        if not ATTRIBUTE_KEY.fullmatch(key):
-            raise Unprocessable(
-                f"filter key {key[:80]!r} must match {ATTRIBUTE_KEY.pattern}",
-                code="invalid_filter",
-            )
-        values = spec if isinstance(spec, list) else [spec]
-        if not values:
-            # "one of no values" is almost certainly a caller bug; say so rather than match nothing.
-            raise Unprocessable(f"filter {key!r} lists no values", code="invalid_filter")
-        for value in values:
-            problem = _scalar_problem(value)
-            if problem:
-                raise Unprocessable(f"filter {key!r}: {problem}", code="invalid_filter")
-        total += len(values)
-        parsed[key] = values
-    if total > MAX_FILTER_VALUES:
-        raise Unprocessable(
-            f"filters list at most {MAX_FILTER_VALUES} values in all", code="invalid_filter"
-        )
-    return parsed

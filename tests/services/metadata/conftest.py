@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from services.metadata.app import create_app
-from services.metadata.db import create_tables, make_engine
+from services.metadata.db import make_engine, upgrade
 from services.metadata.settings import MetadataSettings
 
 POSTGRES_URL = os.environ.get(
@@ -27,8 +27,8 @@ POSTGRES_URL = os.environ.get(
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A URL whose connections use a schema of their own, with the tables created; the schema is
-    dropped at the end of the session, so runs never see each other's rows."""
+    """A URL whose connections use a schema of their own, migrated to the newest revision; the
+    schema is dropped at the end of the session, so runs never see each other's rows."""
     schema = f"metadata_test_{uuid.uuid4().hex[:12]}"
     base = make_url(POSTGRES_URL).update_query_dict({"connect_timeout": "5"})
     admin = create_engine(base, poolclass=NullPool)
@@ -39,7 +39,7 @@ def postgres_url() -> Iterator[str]:
         url = base.update_query_dict({"options": f"-csearch_path={schema}"})
         engine = make_engine(url.render_as_string(hide_password=False))
         try:
-            create_tables(engine)
+            upgrade(engine)
         finally:
             engine.dispose()
         yield url.render_as_string(hide_password=False)
@@ -58,7 +58,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.begin() as connection:
-            connection.execute(text("TRUNCATE captions, items, collections RESTART IDENTITY"))
+            connection.execute(
+                text("TRUNCATE item_tags, captions, items, collections RESTART IDENTITY")
+            )
     finally:
         engine.dispose()
     return url

@@ -2,77 +2,26 @@
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from services.metadata.app import create_app
 from services.metadata.settings import MetadataSettings
-
-PROBLEM = "application/problem+json"
-
-
-def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (8, 8)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def jpeg_bytes(color: tuple[int, int, int] = (10, 120, 240)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def upload(
-    client: TestClient,
-    collection: str = "photos",
-    image: bytes | None = None,
-    captions: list[str] | None = None,
-    attributes: Any = None,
-    filename: str = "upload.bin",
-    content_type: str = "application/octet-stream",
-):
-    data: dict[str, Any] = {"collection": collection}
-    if captions is not None:
-        data["caption"] = captions
-    if attributes is not None:
-        data["attributes"] = attributes if isinstance(attributes, str) else json.dumps(attributes)
-    files = {"image": (filename, png_bytes() if image is None else image, content_type)}
-    return client.post("/items", data=data, files=files)
-
-
-def create(client: TestClient, **kwargs: Any) -> dict[str, Any]:
-    response = upload(client, **kwargs)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def create_indexed(client: TestClient, **kwargs: Any) -> dict[str, Any]:
-    item = create(client, **kwargs)
-    response = client.patch(f"/items/{item['id']}", json={"status": "indexed"})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def assert_problem(response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["detail"]
-
-
-def stored_files(settings: MetadataSettings) -> list[Path]:
-    return sorted(p for p in Path(settings.image_dir).rglob("*") if p.is_file())
+from tests.services.metadata.support import (
+    assert_problem,
+    create,
+    create_indexed,
+    jpeg_bytes,
+    png_bytes,
+    stored_files,
+    stored_thumbnails,
+    upload,
+)
 
 
 def parse_utc(value: str) -> datetime:
@@ -106,8 +55,16 @@ def test_create_get_and_image_round_trip(client: TestClient) -> None:
         "content_type",
         "created_at",
         "updated_at",
+        "tags",
+        "source_uri",
+        "model_id",
+        "error",
+        "attempts",
+        "indexed_at",
     }
     assert isinstance(item["id"], int)
+    assert item["tags"] == [] and item["source_uri"] is None and item["model_id"] is None
+    assert item["error"] is None and item["attempts"] == 0 and item["indexed_at"] is None
     assert item["collection"] == "photos"
     assert item["status"] == "pending"
     assert item["content_type"] == "image/png"
@@ -181,9 +138,10 @@ def test_patch_rejects_unknown_status(client: TestClient) -> None:
 
 
 def test_identical_images_are_stored_once(client: TestClient, settings: MetadataSettings) -> None:
+    # The same bytes in two collections: two items, one file.
     image = png_bytes((1, 2, 3))
     first = create(client, image=image)
-    second = create(client, image=image)
+    second = create(client, image=image, collection="elsewhere")
     other = create(client, image=png_bytes((4, 5, 6)))
     assert first["image_sha256"] == second["image_sha256"] != other["image_sha256"]
     files = stored_files(settings)
@@ -201,6 +159,8 @@ def test_identical_images_are_stored_once(client: TestClient, settings: Metadata
     assert client.delete(f"/items/{second['id']}").status_code == 204
     assert not shared.exists()
     assert [f.name for f in stored_files(settings)] == [other["image_sha256"]]
+    # The thumbnails go with their original.
+    assert [f.name.split("-")[0] for f in stored_thumbnails(settings)] == [other["image_sha256"]]
 
 
 # --- delete ------------------------------------------------------------------------------------
@@ -404,16 +364,20 @@ def test_filter_unknown_collection(client: TestClient) -> None:
 
 def test_collections_count_indexed_items(client: TestClient) -> None:
     assert client.get("/collections").json() == {"collections": []}
-    create_indexed(client, collection="photos")
-    create_indexed(client, collection="photos")
-    create(client, collection="photos")  # pending: not counted
+    create_indexed(client, collection="photos", image=png_bytes((1, 1, 1)), captions=["a", "b"])
+    create_indexed(client, collection="photos", image=png_bytes((2, 2, 2)))
+    create(client, collection="photos", image=png_bytes((3, 3, 3)), captions=["c"])  # pending
     create(client, collection="drafts")
 
-    assert client.get("/collections/photos").json() == {"name": "photos", "items": 2}
-    assert client.get("/collections/drafts").json() == {"name": "drafts", "items": 0}
-    assert client.get("/collections").json() == {
-        "collections": [{"name": "drafts", "items": 0}, {"name": "photos", "items": 2}]
-    }
+    photos = client.get("/collections/photos").json()
+    assert photos["items"] == 2
+    assert photos["counts"] == {"pending": 1, "indexed": 2, "failed": 0}
+    assert photos["captions"] == 2  # of indexed items only
+    drafts = client.get("/collections/drafts").json()
+    assert (drafts["items"], drafts["counts"]["pending"]) == (0, 1)
+    listed = client.get("/collections").json()["collections"]
+    assert [(c["name"], c["items"]) for c in listed] == [("drafts", 0), ("photos", 2)]
+    assert listed[1] == photos
     assert_problem(client.get("/collections/missing"), 404, "collection_not_found")
 
 
@@ -543,24 +507,38 @@ def test_missing_fields_are_validation_errors(client: TestClient) -> None:
 def test_concurrent_uploads_to_a_new_collection(
     client: TestClient, settings: MetadataSettings
 ) -> None:
-    # Several first writes to one collection, all with the same bytes: the implicit collection
-    # creation must not race to an error, and the image is still stored once.
+    # Several first writes to one collection at once: the implicit collection creation must not
+    # race to an error; with the same bytes, exactly one item is made and the others are told.
     image = png_bytes((9, 9, 9))
-    statuses: list[int] = []
+    answers: list[Any] = []
 
-    def worker() -> None:
-        statuses.append(upload(client, collection="burst", image=image).status_code)
+    def worker(index: int) -> None:
+        answers.append(upload(client, collection="burst", image=image, captions=[f"c{index}"]))
+        answers.append(
+            upload(client, collection="burst", image=png_bytes((index, 1, 1)), captions=["x"])
+        )
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert statuses == [201] * 6
-    assert len(stored_files(settings)) == 1
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201] * 7 + [409] * 5, statuses
+    duplicates = [a.json() for a in answers if a.status_code == 409]
+    (same,) = [
+        a.json()
+        for a in answers
+        if a.status_code == 201 and a.json()["captions"][0]["text"].startswith("c")
+    ]
+    assert {d["code"] for d in duplicates} == {"duplicate_pending"}
+    assert {d["item_id"] for d in duplicates} == {same["id"]}
+    assert len(stored_files(settings)) == 7
     listed = client.post("/collections/burst/filter", json={"filters": {}})
     assert listed.json() == {"item_ids": [], "caption_ids": []}  # all still pending
-    assert client.get("/collections").json() == {"collections": [{"name": "burst", "items": 0}]}
+    (burst,) = client.get("/collections").json()["collections"]
+    assert burst["name"] == "burst"
+    assert burst["items"] == 0 and burst["counts"] == {"pending": 7, "indexed": 0, "failed": 0}
 
 
 # --- service plumbing --------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Benchmarks run by ``make bench-*``: measurements for people, not tests (nothing here asserts)."""

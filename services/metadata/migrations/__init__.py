@@ -1,0 +1,1 @@
+"""Alembic migrations of the metadata schema; ``services.metadata.db.upgrade`` runs them."""

@@ -1,0 +1,189 @@
+"""The readers behind ``crossmodal index``: folders with sidecars, COCO files, JSONL and CSV."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from crossmodal.ingest.sources import (
+    IngestRecord,
+    SourceError,
+    detect_format,
+    load_records,
+    with_tags,
+)
+
+
+def touch(path: Path, data: bytes = b"\x89PNG fake") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_folder_recursive_with_sidecars(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    touch(root / "b.jpg")
+    (root / "b.txt").write_text("a beach\n\n  sunset over the sea  \n")
+    touch(root / "sub" / "a.PNG")
+    (root / "sub" / "a.PNG.json").write_text(
+        json.dumps({"captions": ["a cat"], "attributes": {"year": 2020}, "tags": ["pet"]})
+    )
+    touch(root / "sub" / "deeper" / "c.webp")
+    (root / "sub" / "deeper" / "c.json").write_text(json.dumps(["one", "two"]))
+    touch(root / "notes.txt")  # not an image
+    touch(root / ".hidden.jpg")
+    touch(root / ".cache" / "x.jpg")
+
+    records = load_records(root)
+    assert [Path(r.source).relative_to(root.resolve()).as_posix() for r in records] == [
+        "b.jpg",
+        "sub/a.PNG",
+        "sub/deeper/c.webp",
+    ]
+    b, a, c = records
+    assert b.captions == ("a beach", "sunset over the sea")
+    assert a.captions == ("a cat",) and a.attributes == {"year": 2020} and a.tags == ("pet",)
+    assert c.captions == ("one", "two")
+    assert all(Path(r.source).is_absolute() and not r.is_url for r in records)
+    assert b.source_uri.startswith("file:///")
+
+
+def test_bad_sidecar_names_its_file(tmp_path: Path) -> None:
+    touch(tmp_path / "a.jpg")
+    (tmp_path / "a.json").write_text("{nope")
+    with pytest.raises(SourceError, match=r"a\.json"):
+        load_records(tmp_path)
+
+
+def test_coco_official_format(tmp_path: Path) -> None:
+    touch(tmp_path / "val2017" / "000000000139.jpg")
+    touch(tmp_path / "val2017" / "000000000285.jpg")
+    annotations = tmp_path / "annotations" / "captions_val2017.json"
+    annotations.parent.mkdir()
+    annotations.write_text(
+        json.dumps(
+            {
+                "info": {},
+                "images": [
+                    {"id": 139, "file_name": "000000000139.jpg", "width": 640, "height": 426},
+                    {"id": 285, "file_name": "000000000285.jpg"},
+                ],
+                "annotations": [
+                    {"id": 1, "image_id": 139, "caption": "A woman in a kitchen."},
+                    {"id": 2, "image_id": 285, "caption": "A big brown bear."},
+                    {"id": 3, "image_id": 139, "caption": " A room with chairs. "},
+                ],
+            }
+        )
+    )
+    records = load_records(annotations)
+    assert [Path(r.source).name for r in records] == ["000000000139.jpg", "000000000285.jpg"]
+    # The images root is guessed: val2017/ beside annotations/.
+    assert Path(records[0].source).parent == (tmp_path / "val2017").resolve()
+    assert records[0].captions == ("A woman in a kitchen.", "A room with chairs.")
+    assert records[0].attributes == {"coco_id": 139}
+    assert records[1].captions == ("A big brown bear.",)
+
+
+def test_coco_simple_list(tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    touch(images / "000000000139.jpg")
+    touch(images / "cat.png")
+    listing = tmp_path / "captions.json"
+    listing.write_text(
+        json.dumps(
+            [
+                {"image_id": 139, "captions": ["a kitchen", "a woman cooking"]},
+                {"image_id": "cat", "captions": ["a cat"], "tags": ["pet"]},
+                {"image_id": "dog.jpg", "caption": "a dog"},
+            ]
+        )
+    )
+    records = load_records(listing, images_root=images)
+    assert [Path(r.source).name for r in records] == ["000000000139.jpg", "cat.png", "dog.jpg"]
+    assert records[0].captions == ("a kitchen", "a woman cooking")
+    assert records[0].attributes == {"image_id": 139}
+    assert records[1].tags == ("pet",)
+    assert records[2].captions == ("a dog",)
+
+    listing.write_text(json.dumps([{"image_id": 999, "captions": ["?"]}]))
+    with pytest.raises(SourceError, match="999"):
+        load_records(listing, images_root=images)
+    listing.write_text(json.dumps({"something": "else"}))
+    with pytest.raises(SourceError, match="neither COCO"):
+        load_records(listing)
+
+
+def test_jsonl_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "m" / "items.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text(
+        "\n".join(
+            [
+                json.dumps({"image": "pics/a.jpg", "captions": ["a"], "attributes": {"sku": 1}}),
+                "",
+                json.dumps({"url": "https://example.com/b.png", "caption": "b", "tags": ["x"]}),
+                json.dumps({"path": str(tmp_path / "abs.png")}),
+            ]
+        )
+    )
+    records = load_records(manifest)
+    assert records[0].source == str((tmp_path / "m" / "pics" / "a.jpg").resolve())
+    assert records[0].attributes == {"sku": 1}
+    assert records[1] == IngestRecord("https://example.com/b.png", ("b",), {}, ("x",))
+    assert records[1].is_url and records[1].source_uri == "https://example.com/b.png"
+    assert records[2].source == str(tmp_path / "abs.png")
+
+    manifest.write_text(json.dumps({"image": "a.jpg"}) + "\n{broken\n")
+    with pytest.raises(SourceError, match=r"items.jsonl:2"):
+        load_records(manifest)
+    manifest.write_text(json.dumps({"captions": ["no image"]}) + "\n")
+    with pytest.raises(SourceError, match=r"items.jsonl:1: no image"):
+        load_records(manifest)
+    manifest.write_text(json.dumps({"image": "a.jpg", "captions": [1, 2]}) + "\n")
+    with pytest.raises(SourceError, match="captions must be"):
+        load_records(manifest)
+
+
+def test_csv_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "catalogue.csv"
+    manifest.write_text(
+        "image,captions,tags,sku,price,zip,colour\n"
+        "a.jpg,a red shirt|cotton shirt,sale|summer,1001,19.90,02134,red\n"
+        "https://example.com/b.jpg,,,1002,,,\n"
+    )
+    first, second = load_records(manifest)
+    assert first.source == str((tmp_path / "a.jpg").resolve())
+    assert first.captions == ("a red shirt", "cotton shirt")
+    assert first.tags == ("sale", "summer")
+    # Unambiguous numbers become numbers; a leading zero keeps a postcode text.
+    assert first.attributes == {"sku": 1001, "price": 19.9, "zip": "02134", "colour": "red"}
+    assert second.source == "https://example.com/b.jpg"
+    assert second.captions == () and second.attributes == {"sku": 1002}
+
+    manifest.write_text("name,caption\nx,y\n")
+    with pytest.raises(SourceError, match="image column"):
+        load_records(manifest)
+    manifest.write_text("image,caption\n,y\n")
+    with pytest.raises(SourceError, match=r"catalogue.csv:2"):
+        load_records(manifest)
+
+
+def test_format_detection(tmp_path: Path) -> None:
+    assert detect_format(tmp_path) == "folder"
+    assert detect_format(tmp_path / "x.jsonl") == "jsonl"
+    assert detect_format(tmp_path / "x.ndjson") == "jsonl"
+    assert detect_format(tmp_path / "x.CSV") == "csv"
+    assert detect_format(tmp_path / "captions_train2017.json") == "coco"
+    with pytest.raises(SourceError, match="--format"):
+        detect_format(tmp_path / "x.parquet")
+    with pytest.raises(SourceError, match="does not exist"):
+        load_records(tmp_path / "missing")
+
+
+def test_with_tags_adds_once() -> None:
+    records = [IngestRecord("a", tags=("x",)), IngestRecord("b")]
+    assert [r.tags for r in with_tags(records, ["x", "y"])] == [("x", "y"), ("x", "y")]
+    assert with_tags(records, []) == records
