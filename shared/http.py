@@ -323,6 +323,10 @@ class ServiceClient:
         return True
 
 
+# Extension members of a downstream problem that the caller needs as fields, not only in detail.
+_FORWARDED_PROBLEM_FIELDS = frozenset({"errors", "pointer", "item_id", "item_status"})
+
+
 def _raise_for_problem(service: str, response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -341,7 +345,7 @@ def _raise_for_problem(service: str, response: httpx.Response) -> None:
             status=response.status_code,
             code=str(body.get("code") or "bad_request"),
             headers=headers,
-            extra={k: v for k, v in body.items() if k == "errors"},
+            extra={k: v for k, v in body.items() if k in _FORWARDED_PROBLEM_FIELDS},
         )
     log.warning("%s answered %s: %s", service, response.status_code, body.get("detail"))
     raise ServiceUnavailable(

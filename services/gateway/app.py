@@ -10,9 +10,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Path, Query, Request, Response, UploadFile
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -65,6 +65,7 @@ def _state(request: Request) -> GatewayState:
 
 
 State = Annotated[GatewayState, Depends(_state)]
+CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN)]
 
 
 class BudgetMiddleware:
@@ -376,6 +377,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             top_k=body.top_k,
             collection=body.collection,
             filters=body.filters,
+            mode=body.mode,
         )
         response.headers["X-Cache"] = "hit" if result.cached else "miss"
         return result.body
@@ -423,11 +425,18 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         collection: Annotated[str, Form()] = "demo",
         caption: Annotated[list[str] | None, Form(description="Repeat for several.")] = None,
         attributes: Annotated[str | None, Form(description="JSON object")] = None,
+        tag: Annotated[list[str] | None, Form(description="Repeat for several.")] = None,
+        source_uri: Annotated[str | None, Form(max_length=2048)] = None,
     ) -> dict[str, Any]:
         check_collection(collection)
         upload = await read_upload(image, max_upload, upload_types)
         return await state.orchestrator.add_item(
-            upload, collection=collection, captions=caption or [], attributes=attributes
+            upload,
+            collection=collection,
+            captions=caption or [],
+            attributes=attributes,
+            tags=tag or [],
+            source_uri=source_uri,
         )
 
     @app.get(
@@ -446,12 +455,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         tags=["items"],
         responses={200: {"description": "The stored image bytes", "content": {"image/*": {}}}}
         | problems(*SECURED, 404),
-        summary="An item's image. Scope items:read.",
+        summary="An item's image, or its thumbnail with size=thumb. Scope items:read.",
     )
     async def get_item_image(
-        item_id: int, state: State, _: Annotated[Principal, require("items:read")]
+        item_id: int,
+        state: State,
+        _: Annotated[Principal, require("items:read")],
+        size: Annotated[Literal["original", "thumb"], Query()] = "original",
     ) -> Response:
-        upstream = await state.backends.metadata.request("GET", f"/items/{item_id}/image")
+        upstream = await state.backends.metadata.request(
+            "GET", f"/items/{item_id}/image", params={"size": size}
+        )
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("etag",)}
         return Response(
             upstream.content,
@@ -471,6 +485,73 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     ) -> Response:
         await state.orchestrator.delete_item(item_id)
         return Response(status_code=204)
+
+    async def forward_json(
+        state: GatewayState, method: str, path: str, body: Any = None
+    ) -> dict[str, Any]:
+        response = await state.backends.metadata.request(method, path, json=body)
+        return response.json()
+
+    @app.get(
+        "/collections",
+        tags=["collections"],
+        responses=problems(*SECURED),
+        summary="List collections with their item counts. Scope items:read.",
+    )
+    async def list_collections(
+        state: State, _: Annotated[Principal, require("items:read")]
+    ) -> dict[str, Any]:
+        return await forward_json(state, "GET", "/collections")
+
+    @app.get(
+        "/collections/{collection}",
+        tags=["collections"],
+        responses=problems(*SECURED, 404),
+        summary="Describe a collection: item counts by status, model id, index settings. "
+        "Scope items:read.",
+    )
+    async def get_collection(
+        collection: CollectionName, state: State, _: Annotated[Principal, require("items:read")]
+    ) -> dict[str, Any]:
+        return await forward_json(state, "GET", f"/collections/{collection}")
+
+    @app.post(
+        "/collections",
+        tags=["collections"],
+        status_code=201,
+        responses=problems(*SECURED, 409),
+        summary="Create a collection with its model id and index settings. Scope admin.",
+    )
+    async def create_collection(
+        body: dict[str, Any], state: State, _: Annotated[Principal, require("admin")]
+    ) -> dict[str, Any]:
+        return await forward_json(state, "POST", "/collections", body)
+
+    @app.delete(
+        "/collections/{collection}",
+        tags=["collections"],
+        responses=problems(*SECURED, 404),
+        summary="Delete a collection, its items and their vectors. Scope admin.",
+    )
+    async def delete_collection(
+        collection: CollectionName, state: State, _: Annotated[Principal, require("admin")]
+    ) -> dict[str, Any]:
+        return await state.orchestrator.delete_collection(collection)
+
+    @app.post(
+        "/collections/{collection}/hashes",
+        tags=["collections"],
+        responses=problems(*SECURED, 404),
+        summary="Which of these image SHA-256 hashes the collection already holds (lets a client "
+        "skip known images). Scope items:write.",
+    )
+    async def find_hashes(
+        collection: CollectionName,
+        body: dict[str, Any],
+        state: State,
+        _: Annotated[Principal, require("items:write")],
+    ) -> dict[str, Any]:
+        return await forward_json(state, "POST", f"/collections/{collection}/hashes", body)
 
     app.include_router(admin.router)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -10,11 +11,19 @@ from typing import Any
 
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_text, text_digest
-from services.gateway.schemas import Filters, Target
+from services.gateway.fusion import fuse_hits
+from services.gateway.schemas import Filters, SearchMode, Target
 from shared.http import ServiceClient
 from shared.problems import ProblemError
 
 log = logging.getLogger(__name__)
+
+# Candidates taken from each ranking before a hybrid search fuses them.
+HYBRID_CANDIDATES = 100
+# Ids per retrieval delete call when a whole collection goes (retrieval's max_batch).
+_DELETE_CHUNK = 4096
+
+Embed = Callable[[], Awaitable[tuple[list[float], str]]]
 
 
 @dataclass
@@ -66,11 +75,18 @@ class Orchestrator:
     # -- search ---------------------------------------------------------------------------
 
     async def search_text(
-        self, query: str, *, target: Target, top_k: int, collection: str, filters: Filters | None
+        self,
+        query: str,
+        *,
+        target: Target,
+        top_k: int,
+        collection: str,
+        filters: Filters | None,
+        mode: SearchMode = "vector",
     ) -> SearchResult:
         # The same normalised text is embedded and keys both caches.
         query = normalise_text(query)
-        cache_parts = {"text": query}
+        cache_parts = {"text": query, "mode": mode}
 
         async def compute() -> tuple[list[float], str]:
             response = await self.backends.feature.request(
@@ -82,7 +98,19 @@ class Orchestrator:
         async def embed() -> tuple[list[float], str]:
             return await self._embed_query("text", text_digest(query), compute)
 
-        return await self._search(cache_parts, embed, target, top_k, collection, filters)
+        async def rank() -> tuple[list[dict[str, Any]], str | None]:
+            if mode == "keyword":
+                return await self._keyword_hits(query, target, top_k, collection, filters), None
+            if mode == "vector":
+                return await self._vector_hits(embed, target, top_k, collection, filters)
+            depth = max(top_k, HYBRID_CANDIDATES)
+            (vector_hits, model_id), keyword_hits = await asyncio.gather(
+                self._vector_hits(embed, target, depth, collection, filters),
+                self._keyword_hits(query, target, depth, collection, filters),
+            )
+            return fuse_hits(vector_hits, keyword_hits, top_k=top_k), model_id
+
+        return await self._search(cache_parts, rank, target, top_k, collection, filters)
 
     async def search_image(
         self, image: Upload, *, target: Target, top_k: int, collection: str, filters: Filters | None
@@ -97,7 +125,10 @@ class Orchestrator:
         async def embed() -> tuple[list[float], str]:
             return await self._embed_query("image", image.sha256, compute)
 
-        return await self._search(cache_parts, embed, target, top_k, collection, filters)
+        async def rank() -> tuple[list[dict[str, Any]], str | None]:
+            return await self._vector_hits(embed, target, top_k, collection, filters)
+
+        return await self._search(cache_parts, rank, target, top_k, collection, filters)
 
     async def _embed_query(
         self, kind: str, digest: str, compute: Callable[[], Awaitable[tuple[list[float], str]]]
@@ -110,12 +141,13 @@ class Orchestrator:
     async def _search(
         self,
         query_parts: dict[str, str],
-        embed: Any,
+        rank: Callable[[], Awaitable[tuple[list[dict[str, Any]], str | None]]],
         target: Target,
         top_k: int,
         collection: str,
         filters: Filters | None,
     ) -> SearchResult:
+        """One page of results: from the cache, or ranked by ``rank`` and hydrated."""
         parts = {
             **query_parts,
             "target": target,
@@ -128,31 +160,7 @@ class Orchestrator:
         if key is not None and (cached := await self.cache.get(key)) is not None:
             return SearchResult(cached, cached=True)
 
-        vector, model_id = await embed()
-        allow_ids: list[int] | None = None
-        if filters:
-            response = await self.backends.metadata.request(
-                "POST", f"/collections/{collection}/filter", json={"filters": filters}, retry=True
-            )
-            allowed = response.json()
-            allow_ids = allowed["item_ids"] if target == "image" else allowed["caption_ids"]
-
-        hits: list[dict[str, Any]] = []
-        if allow_ids is None or allow_ids:
-            response = await self.backends.retrieval.request(
-                "POST",
-                f"/collections/{collection}/search",
-                json={
-                    "modality": target,
-                    "vectors": [vector],
-                    "top_k": top_k,
-                    "allow_ids": allow_ids,
-                    "model_id": model_id,
-                },
-                retry=True,
-            )
-            hits = response.json()["results"][0]
-
+        hits, model_id = await rank()
         body = {
             "collection": collection,
             "target": target,
@@ -163,6 +171,46 @@ class Orchestrator:
         if key is not None:
             await self.cache.put(key, body)
         return SearchResult(body, cached=False)
+
+    async def _vector_hits(
+        self, embed: Embed, target: Target, top_k: int, collection: str, filters: Filters | None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Nearest neighbours of the query vector, restricted by the filters' allow-list."""
+        vector, model_id = await embed()
+        allow_ids: list[int] | None = None
+        if filters:
+            response = await self.backends.metadata.request(
+                "POST", f"/collections/{collection}/filter", json={"filters": filters}, retry=True
+            )
+            allowed = response.json()
+            allow_ids = allowed["item_ids"] if target == "image" else allowed["caption_ids"]
+            if not allow_ids:
+                return [], model_id
+        response = await self.backends.retrieval.request(
+            "POST",
+            f"/collections/{collection}/search",
+            json={
+                "modality": target,
+                "vectors": [vector],
+                "top_k": top_k,
+                "allow_ids": allow_ids,
+                "model_id": model_id,
+            },
+            retry=True,
+        )
+        return response.json()["results"][0], model_id
+
+    async def _keyword_hits(
+        self, query: str, target: Target, top_k: int, collection: str, filters: Filters | None
+    ) -> list[dict[str, Any]]:
+        """Full-text matches over captions and tags, best first (the metadata service ranks)."""
+        response = await self.backends.metadata.request(
+            "POST",
+            f"/collections/{collection}/keyword-search",
+            json={"query": query, "top_k": top_k, "target": target, "filters": filters},
+            retry=True,
+        )
+        return response.json()["results"]
 
     async def _hydrate(self, hits: list[dict[str, Any]], target: Target) -> list[dict[str, Any]]:
         """Turn (id, score) pairs into results with their items; ids whose item is gone or not
@@ -217,7 +265,14 @@ class Orchestrator:
     # -- items ----------------------------------------------------------------------------
 
     async def add_item(
-        self, image: Upload, *, collection: str, captions: list[str], attributes: str | None
+        self,
+        image: Upload,
+        *,
+        collection: str,
+        captions: list[str],
+        attributes: str | None,
+        tags: list[str] | None = None,
+        source_uri: str | None = None,
     ) -> dict[str, Any]:
         """Store, embed and index one item. Answers only once its vectors are durable in the
         retrieval service; on failure nothing half-made stays searchable."""
@@ -230,9 +285,11 @@ class Orchestrator:
             )
             caption_vectors = response.json()["vectors"]
 
-        form: dict[str, Any] = {"collection": collection, "caption": captions}
+        form: dict[str, Any] = {"collection": collection, "caption": captions, "tag": tags or []}
         if attributes is not None:
             form["attributes"] = attributes
+        if source_uri is not None:
+            form["source_uri"] = source_uri
         response = await self.backends.metadata.request(
             "POST", "/items", data=form, files={"image": image.as_file()}
         )
@@ -243,10 +300,10 @@ class Orchestrator:
             if caption_ids:
                 await self._upsert(collection, "text", model_id, caption_ids, caption_vectors)
             response = await self.backends.metadata.request(
-                "PATCH", f"/items/{item['id']}", json={"status": "indexed"}
+                "PATCH", f"/items/{item['id']}", json={"status": "indexed", "model_id": model_id}
             )
-        except ProblemError:
-            await self._undo_add(collection, item["id"], caption_ids)
+        except ProblemError as exc:
+            await self._undo_add(collection, item["id"], caption_ids, f"{exc.code}: {exc.detail}")
             raise
         await self.cache.bump(collection)
         return public_item(response.json())
@@ -267,10 +324,12 @@ class Orchestrator:
             retry=True,
         )
 
-    async def _undo_add(self, collection: str, item_id: int, caption_ids: list[int]) -> None:
+    async def _undo_add(
+        self, collection: str, item_id: int, caption_ids: list[int], reason: str
+    ) -> None:
         try:
             await self.backends.metadata.request(
-                "PATCH", f"/items/{item_id}", json={"status": "failed"}
+                "PATCH", f"/items/{item_id}", json={"status": "failed", "error": reason[:4000]}
             )
             await self._delete_vectors(collection, item_id, caption_ids)
         except ProblemError as exc:
@@ -300,6 +359,45 @@ class Orchestrator:
         await self.backends.metadata.request("DELETE", f"/items/{item_id}")
         await self.cache.bump(item["collection"])
         await self._delete_vectors(item["collection"], item_id, [c["id"] for c in item["captions"]])
+
+    # -- collections ------------------------------------------------------------------------
+
+    async def delete_collection(self, collection: str) -> dict[str, Any]:
+        """Metadata first (results are resolved through it, so the collection disappears from
+        answers at once), then its vectors in chunks; reconcile removes any a failure leaves."""
+        image_ids: list[int] = []
+        caption_ids: list[int] = []
+        after: int | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 10_000}
+            if after is not None:
+                params["after"] = after
+            response = await self.backends.metadata.request(
+                "GET", f"/collections/{collection}/items", params=params
+            )
+            page = response.json()
+            for state in page["items"]:
+                image_ids.append(state["id"])
+                caption_ids.extend(state["caption_ids"])
+            after = page["next_after"]
+            if after is None:
+                break
+        response = await self.backends.metadata.request("DELETE", f"/collections/{collection}")
+        await self.cache.bump(collection)
+        for modality, ids in (("image", image_ids), ("text", caption_ids)):
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                try:
+                    await self.backends.retrieval.request(
+                        "POST",
+                        f"/collections/{collection}/delete",
+                        json={"ids": ids[start : start + _DELETE_CHUNK], "modality": modality},
+                        retry=True,
+                    )
+                except ProblemError as exc:
+                    if exc.code == "collection_not_found":  # never had vectors
+                        break
+                    raise
+        return response.json()
 
 
 def public_item(item: dict[str, Any]) -> dict[str, Any]:

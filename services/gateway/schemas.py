@@ -13,8 +13,10 @@ from shared.problems import Unprocessable
 MAX_QUERY_CHARS = 1000
 
 Target = Literal["image", "text"]
-FilterValue = str | int | float | bool | None
-Filters = dict[str, FilterValue | list[FilterValue]]
+SearchMode = Literal["vector", "keyword", "hybrid"]
+# The filter language is the metadata service's (docs/metadata.md): it validates, with a pointer
+# to the bad part; the gateway only checks that filters are a JSON object.
+Filters = dict[str, Any]
 
 
 class SearchOptions(BaseModel):
@@ -27,13 +29,19 @@ class SearchOptions(BaseModel):
     collection: str = Field("demo", pattern=COLLECTION_NAME_PATTERN)
     filters: Filters | None = Field(
         None,
-        description="Attribute equality filters: {attribute: value} or {attribute: [values]}.",
-        examples=[{"colour": "red"}],
+        description="Filter language of docs/metadata.md: {attribute: value}, "
+        "{attribute: [values]}, ranges, tags, and/or/not.",
+        examples=[{"colour": "red"}, {"colour": ["red", "blue"], "shape": "circle"}],
     )
 
 
 class TextSearchRequest(SearchOptions):
     query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS)
+    mode: SearchMode = Field(
+        "vector",
+        description="vector (CLIP similarity), keyword (full text over captions and tags), "
+        "or hybrid (reciprocal rank fusion of both).",
+    )
 
     @field_validator("query")
     @classmethod
@@ -61,7 +69,9 @@ class SearchResponse(BaseModel):
     collection: str
     target: Target
     top_k: int
-    model_id: str
+    model_id: str | None = Field(
+        description="The model of the query vector; null for keyword mode."
+    )
     results: list[SearchHit]
 
 
@@ -73,13 +83,9 @@ def parse_filters_form(raw: str | None) -> Filters | None:
         value = json.loads(raw)
     except ValueError:
         raise Unprocessable("filters must be a JSON object", code="invalid_filter") from None
-    try:
-        return SearchOptions(filters=value).filters
-    except ValueError:
-        raise Unprocessable(
-            "filters must map attribute names to a value or a list of values",
-            code="invalid_filter",
-        ) from None
+    if not isinstance(value, dict):
+        raise Unprocessable("filters must be a JSON object", code="invalid_filter")
+    return value
 
 
 def check_collection(name: str) -> str:

@@ -117,11 +117,15 @@ def test_invalid_collection_name_and_target_are_422(
 
 
 def test_invalid_filters_are_422(gateway: httpx.Client, auth: dict[str, str], shapes: dict) -> None:
-    body = {
-        "query": "a red circle",
-        "collection": SHAPES_COLLECTION,
-        "filters": {"colour": {"$gt": 1}},
-    }
+    # The metadata service validates the filter language and points at the bad part.
+    for filters, pointer in (
+        ({"colour": {"$gt": "red"}}, "/filters/colour/$gt"),
+        ({"$or": [{"shape": "circle"}, {"$bogus": 1}]}, "/filters/$or/1/$bogus"),
+    ):
+        body = {"query": "a red circle", "collection": SHAPES_COLLECTION, "filters": filters}
+        response = gateway.post("/search/text", headers=auth, json=body)
+        assert assert_problem(response, 422, "invalid_filter")["pointer"] == pointer
+    body = {"query": "a red circle", "collection": SHAPES_COLLECTION, "filters": [1]}
     assert_problem(gateway.post("/search/text", headers=auth, json=body), 422, "validation_error")
     image = png_bytes(render("red", "circle"))
     for filters in ("{not json", "[1, 2]"):

@@ -5,8 +5,8 @@ the sum over the rankings it appears in. Only ranks matter, so a keyword ranking
 a vector ranking (cosine similarities) fuse without calibrating their scores against each other;
 ``k`` (60 in the paper) damps the influence of the very first places.
 
-Pure functions with no service dependencies, so the gateway can import them for
-``/search/text`` with ``mode="hybrid"`` (docs/metadata.md, "Gateway integration").
+Pure functions: the gateway fuses the vector and keyword rankings of ``/search/text`` with
+``mode="hybrid"``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crossmodal.fusion import fuse_hits, reciprocal_rank_fusion
+from services.gateway.fusion import fuse_hits, reciprocal_rank_fusion
 
 
 def test_scores_are_sums_of_reciprocal_ranks() -> None:
