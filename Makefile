@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format demo-model clean
+.PHONY: install run test lint format demo-model clean bench bench-ingest
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ format: install
 
 demo-model: install
 	$(PY) -m crossmodal.demo build-model --out var/demo/model
+
+# Benchmarks print figures for people; they assert nothing and are not part of `make test`.
+bench: bench-ingest
+
+bench-ingest: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/ingest.py --count 10000
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache
