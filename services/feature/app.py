@@ -1,66 +1,49 @@
-"""HTTP layer of the feature service: validation, decoding and metrics; the model is in
-``model`` and the image safety checks in ``images``.
+"""HTTP layer of the feature service: validation, limits, problems and metrics. The work is in
+``service`` (batching, threads), the model in ``model`` and ``onnx_runtime``, and the image safety
+checks in ``images``.
 
-Inference is CPU/GPU-bound and blocking, so it runs in a worker thread, one request at a time
-(an async lock queues the others without holding threads): the event loop stays free for
-health checks and metrics while a batch is computed.
+Concurrent requests are merged into shared forward passes (see ``batcher``); when more inputs
+are waiting than ``max_queue`` allows, a request is answered at once with 503 ``overloaded`` and
+a ``Retry-After`` estimate rather than queued without limit.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import anyio
 import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Request, UploadFile
-from PIL import Image
-from prometheus_client import Gauge, Histogram
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.feature.images import decode_image, too_large
-from services.feature.model import Embedder, TransformersEmbedder
+from services.feature.batcher import Overloaded
+from services.feature.images import too_large
+from services.feature.metrics import ERRORS
+from services.feature.model import Embedder, load_embedder
+from services.feature.service import FeatureService
 from services.feature.settings import FeatureSettings
 from shared.app import build_app
-from shared.problems import ServiceUnavailable, Unprocessable
-
-INFERENCE_MS = Gauge(
-    "multimodal_model_inference_ms",
-    "Duration of the most recent model inference (one request's batch), in milliseconds.",
-)
-INFERENCE_SECONDS = Histogram(
-    "feature_inference_seconds",
-    "Model inference time per request, by modality (text or image).",
-    ["modality"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-BATCH_SIZE = Histogram(
-    "feature_batch_size",
-    "Inputs embedded per request, by modality.",
-    ["modality"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
+from shared.problems import ProblemError, ServiceUnavailable, Unprocessable
 
 _READ_CHUNK = 1024 * 1024
-T = TypeVar("T")
 
 
 @dataclass
 class FeatureState:
     settings: FeatureSettings
-    embedder: Embedder | None = None
-    inference_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    service: FeatureService | None = None
 
-    def ready_embedder(self) -> Embedder:
-        if self.embedder is None or not getattr(self.embedder, "ready", True):
+    def ready_service(self) -> FeatureService:
+        service = self.service
+        if service is None or not service.embedder.ready or not service.running:
             raise ServiceUnavailable(
                 "the model is not loaded yet", code="model_not_ready", headers={"Retry-After": "5"}
             )
-        return self.embedder
+        return service
 
 
 def _state(request: Request) -> FeatureState:
@@ -97,20 +80,15 @@ class ModelInfo(BaseModel):
     image_size: int
     max_text_tokens: int
     device: str
-    dtype: str
+    dtype: str = Field(description="the compute dtype: float32, bfloat16 or float16")
+    runtime: str = Field(description="torch, torch-bf16, torch-fp16 or onnx")
+    architecture: str = Field(description="the model class, e.g. CLIPModel or SiglipModel")
 
 
-async def _infer(
-    state: FeatureState, modality: str, count: int, fn: Callable[..., T], *args: Any
-) -> T:
-    async with state.inference_lock:
-        started = time.perf_counter()
-        result = await anyio.to_thread.run_sync(fn, *args)
-        elapsed = time.perf_counter() - started
-    INFERENCE_MS.set(elapsed * 1000)
-    INFERENCE_SECONDS.labels(modality).observe(elapsed)
-    BATCH_SIZE.labels(modality).observe(count)
-    return result
+def _overloaded(exc: Overloaded) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        str(exc), code="overloaded", headers={"Retry-After": str(exc.retry_after)}
+    )
 
 
 async def _read_limited(upload: UploadFile, max_bytes: int, name: str) -> bytes:
@@ -124,25 +102,30 @@ async def _read_limited(upload: UploadFile, max_bytes: int, name: str) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_all(
-    blobs: Sequence[bytes], names: Sequence[str], settings: FeatureSettings
-) -> list[Image.Image]:
-    return [
-        decode_image(
-            blob,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            name=name,
-        )
-        for blob, name in zip(blobs, names, strict=True)
-    ]
-
-
 def _upload_name(index: int, upload: UploadFile) -> str:
     filename = (upload.filename or "").strip()
     if filename and len(filename) <= 100 and filename.isprintable():
         return f"images[{index}] ({filename!r})"
     return f"images[{index}]"
+
+
+def _count_errors(app: FastAPI) -> None:
+    """Wrap the shared problem handlers so every problem also counts in feature_errors_total."""
+    for exc_class in (ProblemError, RequestValidationError, Exception):
+        inner = app.exception_handlers[exc_class]
+
+        async def counted(request: Request, exc: Exception, inner: Any = inner) -> Any:
+            if isinstance(exc, ProblemError):
+                code = exc.code
+            elif isinstance(exc, RequestValidationError):
+                code = "validation_error"
+            else:
+                code = "internal_error"
+            route = request.scope.get("route")
+            ERRORS.labels(getattr(route, "path", "unmatched"), code).inc()
+            return await inner(request, exc)
+
+        app.add_exception_handler(exc_class, counted)
 
 
 def create_app(
@@ -154,28 +137,40 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = FeatureState(settings, embedder)
+        state = FeatureState(settings)
         app.state.feature = state
-        if state.embedder is None:
+        model = embedder
+        if model is None:
             # Loading reads hundreds of MB and warms the model up: keep it off the event loop.
-            state.embedder = await anyio.to_thread.run_sync(
+            model = await anyio.to_thread.run_sync(
                 partial(
-                    TransformersEmbedder.load,
+                    load_embedder,
                     settings.model,
                     model_id=settings.model_id,
                     device=settings.device,
+                    runtime=settings.runtime,
                     torch_threads=settings.torch_threads,
-                    batch_size=settings.max_batch,
+                    batch_size=settings.max_batch_size,
+                    jpeg_draft=settings.jpeg_draft,
+                    gpu_decode=settings.gpu_decode,
                 )
             )
-        yield
+        service = FeatureService(model, settings)
+        service.start()
+        state.service = service
+        try:
+            yield
+        finally:
+            await service.stop()
 
     async def readiness(app: FastAPI) -> str | None:
         state: FeatureState | None = getattr(app.state, "feature", None)
-        if state is None or state.embedder is None:
+        if state is None or state.service is None:
             return "the model is not loaded"
-        if not getattr(state.embedder, "ready", True):
+        if not state.service.embedder.ready:
             return "the model is warming up"
+        if not state.service.running:
+            return "the batchers are not running"
         return None
 
     app = build_app(
@@ -184,10 +179,11 @@ def create_app(
         readiness=readiness,
         description="CLIP inference: texts and images to L2-normalised float32 vectors.",
     )
+    _count_errors(app)
 
     @app.post("/embed/text", response_model=TextEmbeddingResponse)
     async def embed_text(state: State, body: TextRequest) -> TextEmbeddingResponse:
-        model = state.ready_embedder()
+        service = state.ready_service()
         if len(body.texts) > settings.max_texts:
             raise Unprocessable(
                 f"at most {settings.max_texts} texts per request, got {len(body.texts)}",
@@ -209,10 +205,13 @@ def create_app(
                     ]
                 },
             )
-        result = await _infer(state, "text", len(body.texts), model.embed_texts, body.texts)
+        try:
+            result = await service.embed_texts(body.texts)
+        except Overloaded as exc:
+            raise _overloaded(exc) from None
         return TextEmbeddingResponse(
-            model_id=model.model_id,
-            dim=model.dim,
+            model_id=service.embedder.model_id,
+            dim=service.embedder.dim,
             vectors=result.vectors.tolist(),
             truncated=result.truncated,
         )
@@ -222,7 +221,7 @@ def create_app(
         state: State,
         images: Annotated[list[UploadFile], File(description="one or more image files")],
     ) -> ImageEmbeddingResponse:
-        model = state.ready_embedder()
+        service = state.ready_service()
         if len(images) > settings.max_batch:
             raise Unprocessable(
                 f"at most {settings.max_batch} images per request, got {len(images)}",
@@ -233,16 +232,17 @@ def create_app(
             await _read_limited(upload, settings.max_image_bytes, name)
             for upload, name in zip(images, names, strict=True)
         ]
-        # Decoding is CPU work too, but needs no model: it runs outside the inference lock.
-        decoded = await anyio.to_thread.run_sync(_decode_all, blobs, names, settings)
-        vectors = await _infer(state, "image", len(decoded), model.embed_images, decoded)
+        try:
+            vectors = await service.embed_image_bytes(blobs, names)
+        except Overloaded as exc:
+            raise _overloaded(exc) from None
         return ImageEmbeddingResponse(
-            model_id=model.model_id, dim=model.dim, vectors=vectors.tolist()
+            model_id=service.embedder.model_id, dim=service.embedder.dim, vectors=vectors.tolist()
         )
 
     @app.get("/model", response_model=ModelInfo)
     async def model_info(state: State) -> ModelInfo:
-        model = state.ready_embedder()
+        model = state.ready_service().embedder
         return ModelInfo(
             model_id=model.model_id,
             dim=model.dim,
@@ -250,6 +250,8 @@ def create_app(
             max_text_tokens=model.max_text_tokens,
             device=model.device,
             dtype=model.dtype,
+            runtime=model.runtime,
+            architecture=model.architecture,
         )
 
     return app

@@ -4,12 +4,16 @@ The checks of ``shared.images`` come first (size, format, pixel count, structure
 decode. The result is upright (EXIF orientation applied), the first
 frame of an animation, and RGB whatever the source mode: transparency is flattened onto white,
 16-bit and float greyscale are scaled to 8 bits rather than clipped.
+
+A JPEG much larger than the model's input may be decoded at a reduced DCT scale (``draft``):
+the decoder then skips most of the work, which is most of the cost of a phone photo.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,8 +25,17 @@ log = logging.getLogger(__name__)
 _BACKGROUND = (255, 255, 255)
 
 
+# (width, height) of the stored image -> the smallest size it may be decoded at, or None.
+DraftSize = Callable[[int, int], tuple[int, int] | None]
+
+
 def decode_image(
-    data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image"
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    name: str = "image",
+    draft: DraftSize | None = None,
 ) -> Image.Image:
     """Decode untrusted bytes into an upright RGB image.
 
@@ -32,6 +45,11 @@ def decode_image(
     try:
         # verify() left the first handle unusable, hence a second open for the pixels.
         with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            if draft is not None and image.format in ("JPEG", "MPO"):
+                size = draft(*image.size)
+                if size is not None:
+                    # Keeps the mode; picks the largest DCT scale still >= size in both axes.
+                    image.draft(None, size)
             image.load()  # the first frame of an animation
             return to_rgb(_upright(image))
     except Image.DecompressionBombError as exc:

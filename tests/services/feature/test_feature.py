@@ -17,6 +17,7 @@ from PIL import Image
 
 from crossmodal.demo.shapes import demo_collection, render
 from services.feature.app import create_app
+from services.feature.images import decode_image
 from services.feature.model import ModelLoadError, TransformersEmbedder, default_model_id
 from services.feature.settings import FeatureSettings
 
@@ -100,6 +101,8 @@ def test_model_info(client: TestClient, demo_model_dir: Path) -> None:
         "max_text_tokens": 32,
         "device": "cpu",
         "dtype": "float32",
+        "runtime": "torch",
+        "architecture": "CLIPModel",
     }
 
 
@@ -246,6 +249,15 @@ MODES: dict[str, Callable[[], bytes]] = {
     "animated-gif": _animated_gif,
     "webp": lambda: encode(render("red", "circle"), "WEBP", lossless=True),
     "bmp": lambda: encode(render("red", "circle"), "BMP"),
+    "cmyk-tiff": lambda: encode(render("red", "circle").convert("CMYK"), "TIFF"),
+    "lab-tiff": lambda: encode(render("red", "circle").convert("LAB"), "TIFF"),
+    "ycbcr-tiff": lambda: encode(render("red", "circle").convert("YCbCr"), "TIFF"),
+    "animated-png": lambda: encode(
+        render("red", "circle"), "PNG", save_all=True, append_images=[render("blue", "square")]
+    ),
+    "animated-webp": lambda: encode(
+        render("red", "circle"), "WEBP", save_all=True, append_images=[render("blue", "square")]
+    ),
 }
 
 
@@ -285,6 +297,36 @@ def test_animated_gif_uses_the_first_frame(client: TestClient) -> None:
     assert gif @ red > 0.99 and gif @ red > gif @ blue
 
 
+def test_draft_decoding_keeps_the_vector(demo_embedder: TransformersEmbedder) -> None:
+    rng = np.random.default_rng(0)
+    noisy = np.asarray(render("red", "star", size=1024), dtype=np.float64)
+    noisy = noisy + rng.normal(0, 8, noisy.shape)  # texture, so the DCT scale matters
+    blob = encode(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+    full = decode_image(blob, max_bytes=len(blob), max_pixels=1 << 24)
+    drafted = decode_image(
+        blob, max_bytes=len(blob), max_pixels=1 << 24, draft=demo_embedder.draft_size
+    )
+    assert drafted.size == (128, 128) and full.size == (1024, 1024)  # 1/8: still >= 2 x 32
+    a, b = demo_embedder.embed_images([full, drafted])
+    assert a @ b > 0.999
+
+
+def test_exif_orientation_survives_draft_decoding(client: TestClient) -> None:
+    # 1024 px for a 32 px model: the JPEG is decoded at 1/8 scale, then turned upright.
+    upright = render("red", "triangle", size=1024)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    expected, got, ignored = image_vectors(
+        client,
+        encode(upright, "JPEG", quality=95),
+        encode(stored, "JPEG", quality=95, exif=exif),
+        encode(stored, "JPEG", quality=95),
+    )
+    assert got @ expected > 0.999
+    assert not np.allclose(ignored, expected, atol=1e-3)
+
+
 def test_exif_orientation_is_applied(client: TestClient) -> None:
     upright = render("red", "triangle")
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # how a sideways camera stores it
@@ -311,6 +353,27 @@ def test_metrics(client: TestClient) -> None:
     assert 'feature_inference_seconds_count{modality="text"}' in metrics
     assert 'feature_inference_seconds_count{modality="image"}' in metrics
     assert 'feature_batch_size_bucket{le="1.0",modality="image"}' in metrics
+    # Nothing is waiting once the answers are in.
+    assert 'feature_queue_depth{modality="image"} 0.0' in metrics
+    assert 'feature_admitted_inputs{modality="text"} 0.0' in metrics
+
+
+def metric_value(client: TestClient, prefix: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(prefix + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_errors_are_counted_by_code(client: TestClient) -> None:
+    blank = 'feature_errors_total{code="blank_text",endpoint="/embed/text"}'
+    invalid = 'feature_errors_total{code="validation_error",endpoint="/embed/text"}'
+    before = metric_value(client, blank), metric_value(client, invalid)
+    client.post("/embed/text", json={"texts": [" "]})
+    client.post("/embed/text", json={"texts": [" "]})
+    client.post("/embed/text", json={"texts": []})
+    assert metric_value(client, blank) == before[0] + 2
+    assert metric_value(client, invalid) == before[1] + 1
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -318,14 +381,26 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert defaults.port == 8002 and defaults.model == "var/demo/model"
     assert defaults.model_id is None
     assert (defaults.torch_threads, defaults.max_batch, defaults.max_texts) == (2, 64, 256)
+    assert (defaults.runtime, defaults.decode_threads) == ("auto", 2)
+    assert (defaults.max_batch_size, defaults.max_wait_ms, defaults.max_queue) == (32, 5.0, 512)
     assert defaults.max_image_bytes == 20 * 1024 * 1024 and defaults.max_image_pixels == 40_000_000
     monkeypatch.setenv("FEATURE_PORT", "9102")
     monkeypatch.setenv("FEATURE_MODEL", "openai/clip-vit-base-patch32")
     monkeypatch.setenv("FEATURE_MODEL_ID", "clip-b32")
     monkeypatch.setenv("FEATURE_DEVICE", "cpu")
+    monkeypatch.setenv("FEATURE_RUNTIME", "onnx")
+    monkeypatch.setenv("FEATURE_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("FEATURE_MAX_WAIT_MS", "2.5")
     settings = FeatureSettings()
     assert settings.port == 9102 and settings.device == "cpu"
-    assert settings.model_id == "clip-b32"
+    assert settings.model_id == "clip-b32" and settings.runtime == "onnx"
+    assert (settings.max_batch_size, settings.max_wait_ms) == (8, 2.5)
+
+
+def test_queue_must_hold_one_request() -> None:
+    with pytest.raises(ValueError, match="max_queue"):
+        FeatureSettings(max_queue=100, max_batch=64, max_texts=256)
+    assert FeatureSettings(max_queue=64, max_batch=64, max_texts=64).max_queue == 64
 
 
 def test_default_model_id_follows_the_weights_not_the_path(

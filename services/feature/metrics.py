@@ -1,0 +1,46 @@
+"""The feature service's own Prometheus metrics (the request metrics every service has are in
+``shared.metrics``). Inference is measured per forward pass, which under load is one batch of
+several requests' inputs."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INFERENCE_MS = Gauge(
+    "multimodal_model_inference_ms",
+    "Duration of the most recent forward pass (one batch), in milliseconds.",
+)
+INFERENCE_SECONDS = Histogram(
+    "feature_inference_seconds",
+    "Duration of each forward pass (one batch, preprocessing of the batch included), by modality.",
+    ["modality"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BATCH_SIZE = Histogram(
+    "feature_batch_size",
+    "Inputs per forward pass, by modality: above 1 when concurrent requests were merged.",
+    ["modality"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+QUEUE_DEPTH = Gauge(
+    "feature_queue_depth",
+    "Inputs waiting for a forward pass, by modality.",
+    ["modality"],
+)
+ADMITTED = Gauge(
+    "feature_admitted_inputs",
+    "Inputs admitted and not yet answered (decoding, waiting or in a pass), by modality; "
+    "requests beyond max_queue get 503 overloaded.",
+    ["modality"],
+)
+ERRORS = Counter(
+    "feature_errors_total",
+    "Requests answered with a problem, by route template and problem code.",
+    ["endpoint", "code"],
+)
+
+
+def observe_batch(modality: str, size: int, seconds: float) -> None:
+    INFERENCE_MS.set(seconds * 1000)
+    INFERENCE_SECONDS.labels(modality).observe(seconds)
+    BATCH_SIZE.labels(modality).observe(size)

@@ -1,0 +1,266 @@
+"""The dynamic batcher alone, with a fake model: merging, limits, order, failures, overload."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from services.feature.batcher import DynamicBatcher, Overloaded
+
+
+class FakeModel:
+    """Doubles its inputs; records each batch; can be held mid-pass to let a queue build up."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.batches: list[list[Any]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: list[Any]) -> list[Any]:
+        self.entered.set()
+        self.release.wait(5)
+        time.sleep(self.seconds)
+        self.batches.append(list(batch))
+        return [ValueError(f"bad {x}") if x == "bad" else x * 2 for x in batch]
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(1)
+    yield pool
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run(
+    model: FakeModel,
+    executor: ThreadPoolExecutor,
+    scenario: Callable[[DynamicBatcher[Any, Any]], Awaitable[Any]],
+    **options: Any,
+) -> Any:
+    settings = {"max_batch_size": 8, "max_wait_ms": 20.0, "max_queue": 64, **options}
+
+    async def main() -> Any:
+        batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+            "test", model, executor=executor, **settings
+        )
+        batcher.start()
+        try:
+            return await scenario(batcher)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_requests_share_forward_passes(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> list[list[int]]:
+        return await asyncio.gather(*(batcher.submit([i]) for i in range(6)))
+
+    assert run(model, executor, scenario) == [[i * 2] for i in range(6)]
+    assert len(model.batches) == 1 and sorted(model.batches[0]) == list(range(6))
+
+
+def test_batches_never_exceed_the_maximum_and_requests_stay_whole(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> list[list[int]]:
+        # 3 + 10 + 4 inputs with batches of 4: the middle request spans three passes.
+        return await asyncio.gather(
+            batcher.submit([1, 2, 3]), batcher.submit(list(range(10))), batcher.submit([7] * 4)
+        )
+
+    small, big, last = run(model, executor, scenario, max_batch_size=4)
+    assert small == [2, 4, 6] and big == [x * 2 for x in range(10)] and last == [14] * 4
+    assert [len(b) for b in model.batches] == [4, 4, 4, 4, 1]
+
+
+def test_a_lone_request_does_not_wait(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> float:
+        started = time.perf_counter()
+        with batcher.reserve(1):
+            assert await batcher.submit(["a"]) == ["aa"]
+        return time.perf_counter() - started
+
+    # Nothing else is admitted, so nothing is worth waiting for, however long max_wait is.
+    assert run(model, executor, scenario, max_wait_ms=5_000.0) < 1.0
+
+
+def test_inputs_still_being_prepared_are_waited_for(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> list[Any]:
+        async def request(item: str, preparing: float) -> list[Any]:
+            with batcher.reserve(1):
+                await asyncio.sleep(preparing)  # decoding, say
+                return await batcher.submit([item])
+
+        return await asyncio.gather(request("a", 0.0), request("b", 0.05))
+
+    assert run(model, executor, scenario, max_wait_ms=2_000.0) == [["aa"], ["bb"]]
+    assert model.batches == [["a", "b"]]
+
+
+def test_the_wait_is_bounded_by_max_wait(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> float:
+        with batcher.reserve(1):  # admitted, and never submitted
+            started = time.perf_counter()
+            with batcher.reserve(1):
+                await batcher.submit(["a"])
+            return time.perf_counter() - started
+
+    assert 0.045 <= run(model, executor, scenario, max_wait_ms=50.0) < 1.0
+    # A full batch leaves at once, whatever the wait.
+    full_model = FakeModel()
+
+    async def full(batcher: DynamicBatcher[Any, Any]) -> float:
+        with batcher.reserve(1):
+            started = time.perf_counter()
+            with batcher.reserve(8):
+                await batcher.submit(list(range(8)))
+            return time.perf_counter() - started
+
+    assert run(full_model, executor, full, max_wait_ms=5_000.0) < 1.0
+
+
+def test_inputs_arriving_during_a_pass_leave_together(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> list[list[int]]:
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 5)
+        rest = [asyncio.ensure_future(batcher.submit([i])) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 5
+        model.release.set()
+        return await asyncio.gather(first, *rest)
+
+    assert run(model, executor, scenario, max_wait_ms=0.0) == [[i * 2] for i in range(6)]
+    assert model.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+def test_a_failing_input_fails_only_its_request(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> list[Any]:
+        return await asyncio.gather(
+            batcher.submit(["x", "bad"]), batcher.submit(["y"]), return_exceptions=True
+        )
+
+    failed, fine = run(model, executor, scenario)
+    assert isinstance(failed, ValueError) and str(failed) == "bad bad"
+    assert fine == ["yy"]
+    assert len(model.batches) == 1
+
+
+def test_a_crashing_pass_fails_its_requests_and_the_batcher_goes_on(
+    executor: ThreadPoolExecutor,
+) -> None:
+    calls = []
+
+    def flaky(batch: list[int]) -> list[int]:
+        calls.append(batch)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return batch
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> list[Any]:
+        first = await asyncio.gather(batcher.submit([1]), return_exceptions=True)
+        return [*first, await batcher.submit([2])]
+
+    settings = {"max_batch_size": 8, "max_wait_ms": 0.0, "max_queue": 64}
+
+    async def main() -> list[Any]:
+        batcher: DynamicBatcher[int, int] = DynamicBatcher(
+            "t", flaky, executor=executor, **settings
+        )
+        batcher.start()
+        try:
+            return await scenario(batcher)
+        finally:
+            await batcher.stop()
+
+    crashed, fine = asyncio.run(main())
+    assert isinstance(crashed, RuntimeError) and fine == [2]
+
+
+def test_the_queue_is_bounded(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel(seconds=0.01)
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> None:
+        with batcher.reserve(6):
+            assert batcher.reserved == 6
+            with pytest.raises(Overloaded) as caught, batcher.reserve(5):
+                pass
+            assert caught.value.retry_after >= 1
+            with batcher.reserve(4):  # exactly full is fine
+                assert batcher.reserved == 10
+            await batcher.submit(list(range(6)))
+        assert batcher.reserved == 0
+        with batcher.reserve(10):
+            pass
+
+    run(model, executor, scenario, max_queue=10)
+
+
+def test_retry_after_grows_with_the_backlog(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel(seconds=0.2)
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> int:
+        await batcher.submit([1])  # 0.2 s per input, measured
+        with batcher.reserve(20), pytest.raises(Overloaded) as caught, batcher.reserve(1):
+            pass
+        return caught.value.retry_after
+
+    # 21 inputs at about 0.2 s each: about 4 s.
+    assert 3 <= run(model, executor, scenario, max_queue=20) <= 6
+
+
+def test_a_cancelled_request_leaves_the_queue(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> list[int]:
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 5)
+        doomed = asyncio.ensure_future(batcher.submit([1, 2, 3]))
+        kept = asyncio.ensure_future(batcher.submit([4]))
+        await asyncio.sleep(0.02)
+        assert batcher.queued == 4
+        doomed.cancel()
+        await asyncio.sleep(0.02)
+        assert batcher.queued == 1
+        model.release.set()
+        await first
+        return await kept
+
+    assert run(model, executor, scenario, max_wait_ms=0.0) == [8]
+    assert model.batches == [[0], [4]]
+
+
+def test_submitting_to_a_stopped_batcher_fails(executor: ThreadPoolExecutor) -> None:
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        "t", FakeModel(), executor=executor, max_batch_size=1, max_wait_ms=0, max_queue=1
+    )
+    with pytest.raises(RuntimeError, match="not running"):
+        asyncio.run(batcher.submit([1]))
+    with pytest.raises(ValueError):
+        DynamicBatcher(
+            "t", FakeModel(), executor=executor, max_batch_size=0, max_wait_ms=0, max_queue=1
+        )

@@ -1,0 +1,153 @@
+"""Runtimes against fp32 PyTorch on the same inputs: cosine >= 0.999 for every vector."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from crossmodal.demo.shapes import demo_collection
+from services.feature.app import create_app
+from services.feature.export_onnx import main as export_main
+from services.feature.model import (
+    ONNX_MANIFEST,
+    ModelLoadError,
+    TransformersEmbedder,
+    cpu_supports_bf16,
+    default_model_id,
+    resolve_runtime,
+)
+from services.feature.settings import FeatureSettings
+
+PARITY = 0.999
+TEXTS = [
+    "a red circle",
+    "a photo of a blue star",
+    "x",
+    "a very long description " * 20,  # truncated at 32 tokens
+]
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+@pytest.fixture(scope="module")
+def images() -> list:
+    return [item.image for item in demo_collection()]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    assert export_main(["--model", str(demo_model_dir), "--out", str(out)]) == 0
+    return out
+
+
+def test_bf16_autocast_on_cpu(
+    demo_embedder: TransformersEmbedder, demo_model_dir: Path, images: list
+) -> None:
+    if not cpu_supports_bf16():
+        with pytest.raises(ModelLoadError, match="bfloat16"):
+            TransformersEmbedder.load(str(demo_model_dir), device="cpu", runtime="torch-bf16")
+        pytest.skip("this CPU has no native bfloat16")
+    bf16 = TransformersEmbedder.load(str(demo_model_dir), device="cpu", runtime="torch-bf16")
+    assert (bf16.runtime, bf16.dtype) == ("torch-bf16", "bfloat16")
+    assert bf16.model_id == default_model_id(str(demo_model_dir))
+    image_cos = min_cosine(bf16.embed_images(images), demo_embedder.embed_images(images))
+    text_cos = min_cosine(bf16.embed_texts(TEXTS).vectors, demo_embedder.embed_texts(TEXTS).vectors)
+    assert image_cos >= PARITY and text_cos >= PARITY
+    # Autocast really ran in bf16: the vectors are close, not identical.
+    assert min(image_cos, text_cos) < 0.9999999
+
+
+def test_onnx_export_and_runtime(
+    onnx_dir: Path, demo_model_dir: Path, demo_embedder: TransformersEmbedder, images: list
+) -> None:
+    from services.feature.onnx_runtime import OnnxEmbedder
+
+    manifest = json.loads((onnx_dir / ONNX_MANIFEST).read_text())
+    # The export keeps the source's id: its vectors are that model's, and may be mixed with it.
+    assert manifest["model_id"] == default_model_id(str(demo_model_dir))
+    assert min(manifest["parity"].values()) >= PARITY
+    onnx = OnnxEmbedder.load(str(onnx_dir), threads=2)
+    assert (onnx.runtime, onnx.dtype, onnx.model_id) == ("onnx", "float32", manifest["model_id"])
+    # One batch with texts of very different lengths: the padding masks are honoured.
+    text = onnx.embed_texts(TEXTS)
+    reference = demo_embedder.embed_texts(TEXTS)
+    assert text.truncated == reference.truncated == [False, False, False, True]
+    assert min_cosine(text.vectors, reference.vectors) >= PARITY
+    assert min_cosine(onnx.embed_images(images), demo_embedder.embed_images(images)) >= PARITY
+    # Batch sizes other than the exported example's.
+    assert (
+        min_cosine(onnx.embed_images(images[:1]), demo_embedder.embed_images(images[:1])) >= PARITY
+    )
+
+
+def test_onnx_export_served(onnx_dir: Path, demo_model_dir: Path) -> None:
+    # runtime auto recognises an export folder.
+    settings = FeatureSettings(model=str(onnx_dir), device="cpu")
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/model").json()
+        body = client.post("/embed/text", json={"texts": ["a red circle"]}).json()
+    assert info["runtime"] == "onnx" and info["architecture"] == "CLIPModel"
+    assert body["model_id"] == info["model_id"] == default_model_id(str(demo_model_dir))
+
+
+def test_export_refuses_to_overwrite_other_folders(tmp_path: Path, demo_model_dir: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(demo_model_dir), "--out", str(precious), "--force"])
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_runtime_resolution(demo_model_dir: Path, onnx_dir: Path) -> None:
+    model = str(demo_model_dir)
+    assert resolve_runtime("auto", "cpu", model) == "torch"
+    assert resolve_runtime("auto", "cuda", model) == "torch-fp16"
+    assert resolve_runtime("auto", "cpu", str(onnx_dir)) == "onnx"
+    with pytest.raises(ModelLoadError, match="needs CUDA"):
+        resolve_runtime("torch-fp16", "cpu", model)
+    with pytest.raises(ModelLoadError, match="export_onnx"):
+        resolve_runtime("onnx", "cpu", model)
+    with pytest.raises(ModelLoadError, match="unknown runtime"):
+        resolve_runtime("tensorrt", "cpu", model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("runtime", ["torch-fp16", "torch-bf16", "torch"])
+def test_cuda_runtimes(
+    runtime: str, demo_model_dir: Path, demo_embedder: TransformersEmbedder, images: list
+) -> None:
+    cuda = TransformersEmbedder.load(str(demo_model_dir), device="cuda", runtime=runtime)
+    assert cuda.device == "cuda"
+    assert min_cosine(cuda.embed_images(images), demo_embedder.embed_images(images)) >= PARITY
+    assert (
+        min_cosine(cuda.embed_texts(TEXTS).vectors, demo_embedder.embed_texts(TEXTS).vectors)
+        >= PARITY
+    )
+
+
+def test_onnx_export_of_a_model_with_dropout(dual_encoder_model_dir: Path, tmp_path: Path) -> None:
+    """BERT (the dual encoder's text tower) has dropout layers: the export must neither trace
+    them nor leave the model in training mode for the parity check that follows."""
+    from services.feature.export_onnx import export
+    from services.feature.onnx_runtime import OnnxEmbedder
+
+    manifest = export(str(dual_encoder_model_dir), tmp_path / "onnx")
+    assert manifest["architecture"] == "VisionTextDualEncoderModel"
+    assert "token_type_ids" in manifest["text_inputs"]
+    assert min(manifest["parity"].values()) >= PARITY
+    onnx = OnnxEmbedder.load(str(tmp_path / "onnx"), threads=1)
+    torch_model = TransformersEmbedder.load(str(dual_encoder_model_dir), device="cpu")
+    texts = ["a dog", "two dogs playing in the snow, seen from far away", "word " * 600]
+    got, expected = onnx.embed_texts(texts), torch_model.embed_texts(texts)
+    assert got.truncated == expected.truncated == [False, False, True]
+    assert min_cosine(got.vectors, expected.vectors) >= PARITY
