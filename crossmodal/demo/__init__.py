@@ -1,8 +1,12 @@
-"""The offline demo: a tiny CLIP trained in seconds on synthetic coloured shapes, and the demo
-collection it is meant to search. Used by the tests and by ``make run``; no network needed.
+"""The offline demos, no network needed.
 
-``python -m crossmodal.demo build-model --out var/demo/model`` and
-``python -m crossmodal.demo write-collection --out var/demo/collection``.
+- Shapes: a tiny CLIP trained in seconds on synthetic coloured shapes, and its 32-image
+  collection (the tests' model). ``python -m crossmodal.demo build-model --out var/demo/model``,
+  ``python -m crossmodal.demo write-collection --out var/demo/collection``.
+- Emoji: a small image tower trained against the frozen all-MiniLM-L6-v2 text encoder on 1,914
+  OpenMoji emoji, shipped as weights in ``models/emoji-demo``.
+  ``python -m crossmodal.demo build-emoji-model --out var/demo/emoji-model`` (seconds),
+  ``python -m crossmodal.demo write-emoji-collection --out var/demo/emoji``.
 """
 
 from crossmodal.demo.build import (
@@ -11,5 +15,18 @@ from crossmodal.demo.build import (
     ensure_random_model,
     is_finished_model,
 )
+from crossmodal.demo.emoji_model import (
+    DEFAULT_EMOJI_COLLECTION_DIR,
+    DEFAULT_EMOJI_MODEL_DIR,
+    ensure_emoji_model,
+)
 
-__all__ = ["DEFAULT_MODEL_DIR", "ensure_demo_model", "ensure_random_model", "is_finished_model"]
+__all__ = [
+    "DEFAULT_EMOJI_COLLECTION_DIR",
+    "DEFAULT_EMOJI_MODEL_DIR",
+    "DEFAULT_MODEL_DIR",
+    "ensure_demo_model",
+    "ensure_emoji_model",
+    "ensure_random_model",
+    "is_finished_model",
+]
