@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import unquote_plus
 
 import anyio
@@ -29,12 +29,12 @@ from services.auth.scopes import parse_scope, unknown_scopes
 from services.auth.service import AuthService, TokenSet
 from services.auth.settings import MAX_SECRET_LENGTH, AuthSettings
 from shared.app import build_app
+from shared.oauth import FORM_MEDIA_TYPE, REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
 from shared.problems import ProblemError
 from shared.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
 
-FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 MAX_NAME_LENGTH = 128
 MAX_TOKEN_LENGTH = 8192
 JWKS_CACHE = {"Cache-Control": "public, max-age=300"}
@@ -135,43 +135,6 @@ async def _refresh_grant(runtime: AuthRuntime, fields: dict[str, str]) -> TokenS
     token = _required(fields, "refresh_token", MAX_TOKEN_LENGTH)
     requested = _requested_scopes(fields)
     return await runtime.run(runtime.service.refresh_grant, token, requested)
-
-
-def _form_doc(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                FORM_MEDIA_TYPE: {
-                    "schema": {"type": "object", "required": required, "properties": properties}
-                }
-            },
-        }
-    }
-
-
-TOKEN_REQUEST_DOC = _form_doc(
-    {
-        "grant_type": {
-            "type": "string",
-            "enum": ["password", "client_credentials", "refresh_token"],
-        },
-        "username": {"type": "string"},
-        "password": {"type": "string", "format": "password"},
-        "client_id": {"type": "string"},
-        "client_secret": {"type": "string", "format": "password"},
-        "refresh_token": {"type": "string", "format": "password"},
-        "scope": {"type": "string", "description": "space-separated scopes"},
-    },
-    ["grant_type"],
-)
-REVOKE_REQUEST_DOC = _form_doc(
-    {
-        "token": {"type": "string", "format": "password"},
-        "token_type_hint": {"type": "string", "enum": ["access_token", "refresh_token"]},
-    },
-    ["token"],
-)
 
 
 def create_app(settings: AuthSettings | None = None) -> FastAPI:

@@ -38,12 +38,12 @@ from services.gateway.uploads import read_upload
 from shared.app import BodySizeLimitMiddleware, build_app
 from shared.collections import COLLECTION_NAME_PATTERN
 from shared.http import CircuitBreaker, ServiceClient, request_deadline
+from shared.oauth import REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
 from shared.problems import ProblemError
 from shared.tokens import JwksKeySource, Principal, TokenVerifier
 
 log = logging.getLogger(__name__)
 
-FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
 # Headers of the auth service's token answers that the client must see as they are.
 _TOKEN_HEADERS = ("cache-control", "pragma", "www-authenticate", "retry-after")
 
@@ -211,34 +211,6 @@ async def _readiness(app: FastAPI) -> str | None:
     return "; ".join(p for p in problems_found if p) or None
 
 
-def _form_doc(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                FORM_MEDIA_TYPE: {
-                    "schema": {"type": "object", "required": required, "properties": properties}
-                }
-            },
-        }
-    }
-
-
-_TOKEN_DOC = _form_doc(
-    {
-        "grant_type": {
-            "type": "string",
-            "enum": ["password", "client_credentials", "refresh_token"],
-        },
-        "username": {"type": "string"},
-        "password": {"type": "string", "format": "password"},
-        "client_id": {"type": "string"},
-        "client_secret": {"type": "string", "format": "password"},
-        "refresh_token": {"type": "string", "format": "password"},
-        "scope": {"type": "string", "description": "space-separated scopes"},
-    },
-    ["grant_type"],
-)
 _TOKEN_RESPONSE = {
     200: {
         "description": "An access token; with the password and refresh_token grants also the "
@@ -261,13 +233,6 @@ _TOKEN_RESPONSE = {
         },
     }
 }
-_REVOKE_DOC = _form_doc(
-    {
-        "token": {"type": "string", "format": "password"},
-        "token_type_hint": {"type": "string", "enum": ["access_token", "refresh_token"]},
-    },
-    ["token"],
-)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -337,7 +302,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         tags=["auth"],
         summary="Get an access token (OAuth2 token endpoint: password, client_credentials or "
         "refresh_token grant)",
-        openapi_extra=_TOKEN_DOC,
+        openapi_extra=TOKEN_REQUEST_DOC,
         responses={**_TOKEN_RESPONSE, **problems(400, 401, 413, 429, 503)},
         dependencies=[Depends(limit_token_requests)],
     )
@@ -349,7 +314,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         tags=["auth"],
         summary="Revoke a refresh token (its whole family) or an access token (RFC 7009); "
         "answers 200 for unknown tokens too",
-        openapi_extra=_REVOKE_DOC,
+        openapi_extra=REVOKE_REQUEST_DOC,
         responses={200: {"description": "Revoked, or nothing to revoke"}}
         | problems(400, 413, 429, 503),
         dependencies=[Depends(limit_token_requests)],
