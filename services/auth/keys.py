@@ -119,12 +119,14 @@ def load_private_key(pem: bytes, source: Path) -> rsa.RSAPrivateKey:
     return key
 
 
-def _write_new_private_key(path: Path, pem: bytes) -> None:
-    """Write ``pem`` to ``path`` atomically with mode 0600; FileExistsError if it appeared.
+def write_private_key(path: Path, pem: bytes, *, replace: bool = False) -> None:
+    """Write ``pem`` to ``path`` atomically with mode 0600.
 
     The key goes to a private temp file (mkstemp: 0600) in the same directory, is fsynced, then
-    hard-linked into place: readers never see a partial key, and if another instance created the
-    file meanwhile the link fails instead of replacing the key that instance already signs with.
+    moved into place, so readers never see a partial key. A new key (``replace=False``) is
+    hard-linked: if another instance created the file meanwhile the link fails with
+    FileExistsError instead of replacing the key that instance already signs with. A rotation
+    (``replace=True``) renames over the old file.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -134,7 +136,10 @@ def _write_new_private_key(path: Path, pem: bytes) -> None:
             tmp.write(pem)
             tmp.flush()
             os.fsync(tmp.fileno())
-        os.link(tmp_name, path)
+        if replace:
+            os.replace(tmp_name, path)
+        else:
+            os.link(tmp_name, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -178,7 +183,7 @@ def load_or_create_private_key(path: Path, *, create: bool) -> rsa.RSAPrivateKey
         serialization.NoEncryption(),
     )
     try:
-        _write_new_private_key(path, pem)
+        write_private_key(path, pem)
     except FileExistsError:
         return _read_private_key(path)  # another instance won the race: use its key
     except OSError as exc:

@@ -267,7 +267,7 @@ def test_rotation_on_a_read_only_file_system_fails_cleanly(
         # A mounted secret is read-only even for root; chmod cannot reproduce that here.
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr("services.auth.keystore.os.replace", read_only)
+    monkeypatch.setattr("services.auth.keys.os.replace", read_only)
     with pytest.raises(KeyRotationError, match="cannot write"):
         store.rotate()
     assert (tmp_path / "key.pem").read_bytes() == before
