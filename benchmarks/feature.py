@@ -5,7 +5,7 @@
     python -m benchmarks.feature --device cuda  # on a CUDA machine: fp16, JPEG decoded on the GPU
 
 For each model (ViT-B/32 with random weights, built offline from CLIPConfig's defaults, and the
-demo model) it measures, in the same run:
+emoji demo model that `make run` serves) it measures, in the same run:
 
 - the baseline, in process, as the tutorial writes it: per request, decode the JPEG, call the
   processor, then ``get_image_features`` (or the tokenizer and ``get_text_features``);
@@ -148,20 +148,29 @@ def build_vit_b32(path: Path) -> Path:
 
 
 def model_dir(name: str) -> Path:
-    from crossmodal.demo import DEFAULT_MODEL_DIR, ensure_demo_model, ensure_random_model
+    from crossmodal.demo import (
+        DEFAULT_EMOJI_MODEL_DIR,
+        DEFAULT_MODEL_DIR,
+        ensure_demo_model,
+        ensure_emoji_model,
+        ensure_random_model,
+    )
 
     if name == "vit-b32":
         return build_vit_b32(BENCH_DIR / "vit-b32")
-    if name == "demo":
+    if name == "emoji":
+        return ensure_emoji_model(ROOT / DEFAULT_EMOJI_MODEL_DIR)
+    if name == "shapes":
         return ensure_demo_model(ROOT / DEFAULT_MODEL_DIR)
     if name == "tiny":
         return ensure_random_model(BENCH_DIR / "tiny")
-    raise SystemExit(f"unknown model {name!r}: vit-b32, demo or tiny")
+    raise SystemExit(f"unknown model {name!r}: vit-b32, emoji, shapes or tiny")
 
 
 MODEL_NAMES = {
     "vit-b32": "ViT-B/32 (random weights)",
-    "demo": "demo tiny CLIP",
+    "emoji": "emoji demo (ConvNeXt + MiniLM)",
+    "shapes": "shapes test model (tiny CLIP)",
     "tiny": "tiny CLIP (random weights)",
 }
 
@@ -643,7 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run on a tiny model")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--models", type=_csv, help="vit-b32,demo (quick: tiny)")
+    parser.add_argument("--models", type=_csv, help="vit-b32,emoji (quick: tiny)")
     parser.add_argument(
         "--runtimes",
         type=_csv,
@@ -668,7 +677,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     defaults: dict[str, Any] = {
-        "models": ["vit-b32", "demo"],
+        "models": ["vit-b32", "emoji"],
         "runtimes": ["torch-fp16"] if gpu else ["torch", "torch-bf16", "onnx"],
         "clients": [1, 4, 16],
         "seconds": 15.0,
