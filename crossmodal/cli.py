@@ -1,8 +1,8 @@
 """``crossmodal``: the project's command-line tool (typer).
 
-- ``crossmodal run`` starts the whole stack as local processes (what ``make run`` does): it builds
-  the offline demo model if missing, makes sure Redis is up, starts the five services, indexes the
-  demo collection once, and keeps running until Ctrl-C.
+- ``crossmodal run`` starts the whole stack as local processes (what ``make run`` does): it
+  assembles the offline emoji demo model if missing, makes sure Redis is up, starts the five
+  services, indexes the emoji demo collection once, and keeps running until Ctrl-C.
 - ``crossmodal login``, ``index``, ``search``, ``collections`` talk to a gateway with a token.
 - ``crossmodal reconcile`` compares the metadata and retrieval services and repairs drift.
 
@@ -18,9 +18,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlparse
 
 import httpx
@@ -41,6 +42,9 @@ from rich.text import Text
 
 from crossmodal.client import DEFAULT_GATEWAY, GatewayClient, GatewayError, TokenStore
 from crossmodal.stack import LocalStack
+
+if TYPE_CHECKING:
+    from crossmodal.demo.emoji import Emoji
 
 DEMO_COLLECTION = "demo"
 DEMO_USER = ("demo", "demo-password")
@@ -89,44 +93,68 @@ def ensure_redis(url: str, log_dir: Path) -> subprocess.Popen[bytes] | None:
     raise SystemExit(f"redis-server did not start; see {log_dir / 'redis.log'}")
 
 
-def seed_demo_collection(stack: LocalStack, collection_dir: Path) -> int:
-    """Index the demo collection through the gateway, once. Returns the number of items added."""
-    from crossmodal.demo.shapes import write_collection
+def seed_demo_collection(
+    stack: LocalStack,
+    collection_dir: Path,
+    emoji: Sequence[Emoji] | None = None,
+    *,
+    quiet: bool = False,
+) -> int:
+    """Index the emoji demo (default: all of ``demo_set()``) into the ``demo`` collection
+    through the gateway, with the pipeline of ``crossmodal index``. Returns the number of items
+    indexed now: 0 when an earlier start indexed them all. A demo collection holding vectors of
+    another model (an older demo, or ``--model`` changed) is deleted and indexed again, since its
+    vectors cannot be compared with this model's."""
+    from crossmodal.demo.emoji import write_collection
+    from crossmodal.ingest import IngestOptions, Ingestor, Journal, load_records
+    from crossmodal.ingest.sources import merge_identical_images
 
-    manifest_path = write_collection(collection_dir)
-    manifest: list[dict[str, Any]] = json.loads(manifest_path.read_text())
-    with httpx.Client(timeout=60.0) as client:
-        existing = client.get(f"{stack.url('metadata')}/collections/{DEMO_COLLECTION}")
-        if existing.status_code == 200 and existing.json().get("items", 0) >= len(manifest):
-            return 0
-        token = client.post(
-            f"{stack.url('gateway')}/auth/token",
-            data={"grant_type": "password", "username": DEMO_USER[0], "password": DEMO_USER[1]},
-        )
-        token.raise_for_status()
-        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
-        for entry in manifest:
-            response = client.post(
-                f"{stack.url('gateway')}/items",
-                headers=headers,
-                data={
-                    "collection": DEMO_COLLECTION,
-                    "caption": entry["captions"],
-                    "attributes": json.dumps(entry["attributes"]),
-                },
-                files={
-                    "image": (
-                        entry["file"],
-                        (collection_dir / entry["file"]).read_bytes(),
-                        "image/png",
-                    )
-                },
+    # Emoji drawn alike (a few flags, "person"/"man" pairs) become one item with both names.
+    records = merge_identical_images(load_records(write_collection(collection_dir, emoji)))
+    with httpx.Client(timeout=10.0) as http:
+        model = http.get(f"{stack.url('feature')}/model")
+        model.raise_for_status()
+        model_id = model.json()["model_id"]
+    gateway = stack.url("gateway")
+    with GatewayClient(gateway) as anonymous:
+        token = anonymous.password_token(*DEMO_USER).access_token
+    with GatewayClient(gateway, token=token) as client:
+        try:
+            existing: dict[str, Any] | None = client.collection(DEMO_COLLECTION)
+        except GatewayError as exc:
+            if exc.status != 404:
+                raise
+            existing = None
+        if existing is not None and existing.get("model_id") not in (None, model_id):
+            print(
+                f"the '{DEMO_COLLECTION}' collection holds vectors of {existing['model_id']}: "
+                f"indexing it again with {model_id}",
+                flush=True,
             )
-            if response.status_code == 409 and response.json().get("code") == "duplicate_item":
-                continue  # indexed by an earlier, interrupted start
-            if response.status_code != 201:
-                raise SystemExit(f"indexing {entry['file']} failed: {response.text}")
-    return len(manifest)
+            client.delete_collection(DEMO_COLLECTION)
+            existing = None
+        if existing is not None and existing["items"] >= len(records):
+            return 0
+        # The collection is the truth (its hash lookup skips what an interrupted start
+        # indexed), so the journal only serves this one run.
+        journal_path = collection_dir / ".seed.journal.jsonl"
+        journal_path.unlink(missing_ok=True)
+        options = IngestOptions(collection=DEMO_COLLECTION, concurrency=4, batch_size=64)
+        with Journal(journal_path, DEMO_COLLECTION) as journal, ingest_progress(quiet) as bar:
+            ingestor = Ingestor(client, options, journal)
+            task = bar.add_task(
+                f"indexing the emoji demo into '{DEMO_COLLECTION}'", total=len(records)
+            )
+            ingestor.on_progress = lambda _outcome: bar.advance(task)
+            report = ingestor.run(records)
+    if report.interrupted:
+        raise KeyboardInterrupt
+    if report.failures:
+        first = report.failures[0]
+        raise SystemExit(
+            f"indexing the demo: {len(report.failures)} failed, e.g. {first.key}: {first.error}"
+        )
+    return report.indexed
 
 
 BANNER = """
@@ -136,46 +164,76 @@ Crossmodal Search is running: gateway on {gateway}
   TOKEN=$(curl -s {gateway}/auth/token -d grant_type=password -d username=demo \\
       -d password=demo-password | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s {gateway}/search/text -H "Authorization: Bearer $TOKEN" \\
-      -H 'Content-Type: application/json' -d '{{"query": "a red circle", "top_k": 3}}'
+      -H 'Content-Type: application/json' -d '{{"query": "pizza", "top_k": 3}}'
 """
 
 
 def run_stack(data_dir: Path, model: str | None, redis_url: str, no_demo: bool) -> None:
-    from crossmodal.demo import ensure_demo_model
+    from crossmodal.demo import ensure_emoji_model
 
     data_dir = data_dir.resolve()
-    model = model or str(ensure_demo_model(data_dir / "demo" / "model"))
+    model = model or str(ensure_emoji_model(data_dir / "demo" / "emoji-model"))
     redis_process = ensure_redis(redis_url, data_dir / "logs")
     stack = LocalStack(data_dir, model=model, redis_url=redis_url)
-    stopping = False
+    interrupted = False
 
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def interrupt(*_: object) -> None:
+        # The first Ctrl-C or SIGTERM stops whatever runs (seeding included); the stack is then
+        # stopped without being interrupted again.
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         print("starting auth, feature, retrieval, metadata, gateway…", flush=True)
         stack.start()
         if not no_demo:
-            added = seed_demo_collection(stack, data_dir / "demo" / "collection")
+            added = seed_demo_collection(stack, data_dir / "demo" / "emoji")
             print(
                 f"demo collection '{DEMO_COLLECTION}': {added or 'already'} items indexed",
                 flush=True,
             )
         print(BANNER.format(gateway=stack.url("gateway"), logs=data_dir / "logs"), flush=True)
-        while not stopping:
+        while True:
             for service in stack.services.values():
                 if service.process is not None and service.process.poll() is not None:
                     raise SystemExit(f"{service.spec.name} stopped unexpectedly:\n{service.tail()}")
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
     finally:
+        interrupted = True
         print("stopping…", flush=True)
         stack.stop()
         if redis_process is not None:
             redis_process.terminate()
             redis_process.wait(10)
+
+
+def ingest_progress(quiet: bool) -> Progress:
+    """The progress bar of ``index`` and of the demo seeding, on stderr."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ItemsPerSecondColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+    )
+
+
+class ItemsPerSecondColumn(ProgressColumn):
+    """Throughput over the last seconds (rich's own speed estimate)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- items/s" if speed is None else f"{speed:.1f} items/s", style="cyan")
 
 
 # --- the typer application -------------------------------------------------------------------
@@ -235,7 +293,8 @@ def _problem(exc: GatewayError) -> typer.Exit:
 def run(
     data_dir: Annotated[Path, typer.Option(help="Where local state lives.")] = Path("var"),
     model: Annotated[
-        str | None, typer.Option(help="Hub name or local path (default: the offline demo model).")
+        str | None,
+        typer.Option(help="Hub name or local path (default: the offline emoji demo model)."),
     ] = None,
     redis_url: Annotated[str, typer.Option()] = "redis://127.0.0.1:6379/0",
     no_demo: Annotated[
@@ -287,14 +346,6 @@ def logout(gateway: GatewayOption = DEFAULT_GATEWAY) -> None:
     """Forget the token saved for this gateway."""
     forgotten = TokenStore().forget(gateway)
     out.print("token removed" if forgotten else f"no token saved for {gateway}")
-
-
-class ItemsPerSecondColumn(ProgressColumn):
-    """Throughput over the last seconds (rich's own speed estimate)."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- items/s" if speed is None else f"{speed:.1f} items/s", style="cyan")
 
 
 @app.command()
@@ -389,17 +440,7 @@ def index(
     except typer.Exit:
         log.close()
         raise
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ItemsPerSecondColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet,
-    )
+    progress = ingest_progress(quiet)
     with client, log, progress:
         ingestor = Ingestor(client, options, log)
         todo = ingestor.pending(records)
@@ -714,6 +755,27 @@ def _print_drift(summary: dict[str, Any]) -> None:
             out.print(f"  [red]{error}[/red]")
     elif summary["clean"]:
         out.print("no drift")
+
+
+# The model commands keep their own argparse parsers (also run as ``python -m crossmodal.train``);
+# typer hands them every argument, --help included.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def evaluate(ctx: typer.Context) -> None:
+    """Recall@1/5/10 both ways of a model on a COCO-format dataset (see --help)."""
+    from crossmodal.evaluate.__main__ import main as evaluate_main
+
+    raise typer.Exit(evaluate_main(ctx.args, prog="crossmodal evaluate"))
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Fine-tune a CLIP-family model contrastively on image-caption pairs (see --help)."""
+    from crossmodal.train.__main__ import main as train_main
+
+    raise typer.Exit(train_main(ctx.args, prog="crossmodal train"))
 
 
 def main(argv: list[str] | None = None) -> None:

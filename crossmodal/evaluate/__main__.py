@@ -10,9 +10,9 @@ from pathlib import Path
 from crossmodal.evaluate.metrics import DEFAULT_KS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m crossmodal.evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m crossmodal.evaluate",
+        prog=prog,
         description="Recall@K (image→text, text→image) of a model on an image–caption dataset.",
     )
     parser.add_argument(
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m crossmodal.evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from crossmodal.data.records import load_records
     from crossmodal.evaluate.models import load_embedder

@@ -18,6 +18,7 @@ manifest, each turned into the same ``IngestRecord`` list.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -194,7 +195,7 @@ def read_coco(path: Path, images_root: Path | None = None) -> list[IngestRecord]
         return _read_coco_list(data, path, root)
     raise SourceError(
         f"{path}: neither COCO captions ({{'images', 'annotations'}}) nor a list of "
-        "{'image_id', 'captions'}"
+        "{'image_id', 'captions'} or manifest objects"
     )
 
 
@@ -225,8 +226,20 @@ def _read_coco_list(data: list[Any], path: Path, root: Path) -> list[IngestRecor
     records = []
     for i, entry in enumerate(data):
         where = f"{path}[{i}]"
+        if (
+            isinstance(entry, dict)
+            and "image_id" not in entry
+            and any(k in entry for k in IMAGE_KEYS)
+        ):
+            # A manifest written as one JSON array (the emoji demo's manifest.json): the
+            # objects of a JSONL manifest, image paths relative to the images root.
+            records.append(_record_from_object(entry, where, root))
+            continue
         if not isinstance(entry, dict) or "image_id" not in entry:
-            raise SourceError(f"{where}: expected {{'image_id', 'captions'}}")
+            raise SourceError(
+                f"{where}: expected {{'image_id', 'captions'}} or a manifest object with "
+                f"one of {', '.join(IMAGE_KEYS)}"
+            )
         image_id = entry["image_id"]
         explicit = next((entry[k] for k in IMAGE_KEYS if isinstance(entry.get(k), str)), None)
         if explicit is None and isinstance(image_id, str) and Path(image_id).suffix:
@@ -360,3 +373,29 @@ def with_tags(records: Iterable[IngestRecord], tags: Iterable[str]) -> list[Inge
         IngestRecord(r.source, r.captions, r.attributes, tuple(dict.fromkeys(r.tags + extra)))
         for r in records
     ]
+
+
+def merge_identical_images(records: Iterable[IngestRecord]) -> list[IngestRecord]:
+    """Local records whose files hold the same bytes, merged into the first: every caption and
+    tag kept, the first one's attributes. The pipeline indexes an image once, so without this
+    the captions of the later copies would be dropped (the emoji demo has 19 such pairs, e.g.
+    two flags drawn alike). URLs are not read here: only a repeated URL is merged."""
+    merged: dict[str, IngestRecord] = {}
+    for record in records:
+        key = (
+            record.source
+            if record.is_url
+            else "sha256:" + hashlib.sha256(Path(record.source).read_bytes()).hexdigest()
+        )
+        first = merged.get(key)
+        merged[key] = (
+            record
+            if first is None
+            else IngestRecord(
+                first.source,
+                tuple(dict.fromkeys(first.captions + record.captions)),
+                first.attributes,
+                tuple(dict.fromkeys(first.tags + record.tags)),
+            )
+        )
+    return list(merged.values())

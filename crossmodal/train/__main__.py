@@ -22,10 +22,10 @@ from pathlib import Path
 from crossmodal.train.trainer import TrainConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m crossmodal.train") -> argparse.ArgumentParser:
     d = TrainConfig(model="", train=Path(), out=Path())
     p = argparse.ArgumentParser(
-        prog="python -m crossmodal.train",
+        prog=prog,
         description="Contrastive fine-tuning (symmetric InfoNCE with the model's own learnable "
         "temperature). Writes OUT/best (best validation epoch, a save_pretrained folder the "
         "feature service loads) and OUT/last (latest epoch + optimiser state, for --resume).",
@@ -91,8 +91,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m crossmodal.train") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 

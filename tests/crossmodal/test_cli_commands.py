@@ -300,3 +300,26 @@ def test_run_keeps_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["run", "--help"])
     assert exited.value.code == 0
+
+
+def test_evaluate_and_train_hand_every_argument_to_their_own_parsers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import crossmodal.evaluate.__main__ as evaluate_main
+    import crossmodal.train.__main__ as train_main
+
+    for name, module in (("evaluate", evaluate_main), ("train", train_main)):
+        help_text = invoke(name, "--help")
+        assert help_text.exit_code == 0, help_text.output
+        assert f"usage: crossmodal {name}" in help_text.output
+        assert "--model" in help_text.output
+
+        calls: list[tuple[list[str], str]] = []
+        monkeypatch.setattr(
+            module, "main", lambda argv, prog, calls=calls: calls.append((argv, prog)) or 3
+        )
+        result = invoke(name, "--model", "m", "--out", "r.json", "--ks", "1", "5")
+        assert result.exit_code == 3  # the command's own exit status
+        assert calls == [
+            (["--model", "m", "--out", "r.json", "--ks", "1", "5"], f"crossmodal {name}")
+        ]

@@ -12,6 +12,7 @@ from crossmodal.ingest.sources import (
     SourceError,
     detect_format,
     load_records,
+    merge_identical_images,
     with_tags,
 )
 
@@ -114,6 +115,34 @@ def test_coco_simple_list(tmp_path: Path) -> None:
     listing.write_text(json.dumps({"something": "else"}))
     with pytest.raises(SourceError, match="neither COCO"):
         load_records(listing)
+    listing.write_text(json.dumps([{"captions": ["no image"]}]))
+    with pytest.raises(SourceError, match="manifest object"):
+        load_records(listing)
+
+
+def test_json_array_manifest_reads_like_jsonl(tmp_path: Path) -> None:
+    """The emoji demo's manifest.json: JSONL's objects as one array, paths under the file's
+    folder (or --images-root)."""
+    listing = tmp_path / "manifest.json"
+    listing.write_text(
+        json.dumps(
+            [
+                {"file": "1f355.png", "captions": ["pizza"], "attributes": {"emoji": "🍕"}},
+                {"image": "sub/b.jpg", "caption": "b", "tags": ["t"]},
+            ]
+        )
+    )
+    records = load_records(listing)
+    assert [r.source for r in records] == [
+        str(tmp_path.resolve() / "1f355.png"),
+        str(tmp_path.resolve() / "sub" / "b.jpg"),
+    ]
+    assert records[0].captions == ("pizza",)
+    assert records[0].attributes == {"emoji": "🍕"}
+    assert records[1].tags == ("t",)
+    assert load_records(listing, images_root=tmp_path / "x")[0].source == str(
+        (tmp_path / "x").resolve() / "1f355.png"
+    )
 
 
 def test_jsonl_manifest(tmp_path: Path) -> None:
@@ -187,3 +216,21 @@ def test_with_tags_adds_once() -> None:
     records = [IngestRecord("a", tags=("x",)), IngestRecord("b")]
     assert [r.tags for r in with_tags(records, ["x", "y"])] == [("x", "y"), ("x", "y")]
     assert with_tags(records, []) == records
+
+
+def test_identical_images_merge_into_one_record_with_every_caption(tmp_path: Path) -> None:
+    for name, data in (("a.png", b"same"), ("b.png", b"same"), ("c.png", b"other")):
+        (tmp_path / name).write_bytes(data)
+    records = [
+        IngestRecord(str(tmp_path / "a.png"), ("flag: France",), {"emoji": "FR"}, ("flag",)),
+        IngestRecord(str(tmp_path / "c.png"), ("other",)),
+        IngestRecord(str(tmp_path / "b.png"), ("flag: St. Martin",), {"emoji": "MF"}, ("x",)),
+        IngestRecord("https://example.org/i.jpg", ("url",)),
+        IngestRecord("https://example.org/i.jpg", ("url again",)),
+    ]
+    merged = merge_identical_images(records)
+    assert [Path(r.source).name for r in merged] == ["a.png", "c.png", "i.jpg"]
+    assert merged[0].captions == ("flag: France", "flag: St. Martin")
+    assert merged[0].attributes == {"emoji": "FR"}
+    assert merged[0].tags == ("flag", "x")
+    assert merged[2].captions == ("url", "url again")

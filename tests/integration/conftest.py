@@ -5,7 +5,6 @@ One stack serves the whole session; the test that restarts services runs last.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,37 +13,20 @@ import httpx
 import pytest
 
 from crossmodal.demo.shapes import demo_collection
-from crossmodal.stack import SERVICES, LocalStack
+from crossmodal.stack import LocalStack
 from tests.integration.support import (
-    REDIS_URL,
     SHAPES_COLLECTION,
     add_item,
-    free_ports,
     get_token,
     png_bytes,
+    running_stack,
 )
 
 
 @pytest.fixture(scope="session")
 def stack(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    data_dir = tmp_path_factory.mktemp("stack")
-    ports = dict(zip((s.name for s in SERVICES), free_ports(len(SERVICES)), strict=True))
-    stack = LocalStack(
-        data_dir,
-        model=demo_model_dir,
-        redis_url=REDIS_URL,
-        ports=ports,
-        extra_env={
-            # A fresh key space per run: cached pages of an earlier run can never leak in.
-            "GATEWAY_CACHE_PREFIX": f"test-{uuid.uuid4().hex[:12]}",
-            "FEATURE_TORCH_THREADS": "1",
-        },
-    )
-    stack.start()
-    try:
+    with running_stack(tmp_path_factory.mktemp("stack"), demo_model_dir) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,15 @@ from __future__ import annotations
 import io
 import json
 import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from crossmodal.stack import SERVICES, LocalStack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 DEMO_USER = ("demo", "demo-password")
@@ -24,6 +30,34 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+@contextmanager
+def running_stack(
+    data_dir: Path,
+    model: str | Path,
+    *,
+    redis_url: str = REDIS_URL,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[LocalStack]:
+    """The five services as processes on free loopback ports (the launcher of `make run`), one
+    torch thread, and a fresh cache key space: cached pages of another run never leak in."""
+    stack = LocalStack(
+        data_dir,
+        model=model,
+        redis_url=redis_url,
+        ports=dict(zip((s.name for s in SERVICES), free_ports(len(SERVICES)), strict=True)),
+        extra_env={
+            "GATEWAY_CACHE_PREFIX": f"test-{uuid.uuid4().hex[:12]}",
+            "FEATURE_TORCH_THREADS": "1",
+            **(extra_env or {}),
+        },
+    )
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
 
 
 def png_bytes(image: Any) -> bytes:

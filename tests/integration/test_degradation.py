@@ -28,8 +28,15 @@ import pytest
 import redis
 
 from crossmodal.demo.shapes import demo_collection
-from crossmodal.stack import SERVICES, LocalStack
-from tests.integration.support import DEMO_USER, add_item, assert_problem, free_ports, png_bytes
+from crossmodal.stack import LocalStack
+from tests.integration.support import (
+    DEMO_USER,
+    add_item,
+    assert_problem,
+    free_ports,
+    png_bytes,
+    running_stack,
+)
 
 COLLECTION = "degraded"
 SEARCH_BUDGET = 2.0  # the gateway's default search_timeout_seconds
@@ -94,16 +101,11 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
 def dstack(
     demo_model_dir: Path, private_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
-    data_dir = tmp_path_factory.mktemp("degraded-stack")
-    ports = dict(zip((s.name for s in SERVICES), free_ports(len(SERVICES)), strict=True))
-    stack = LocalStack(
-        data_dir,
-        model=demo_model_dir,
+    with running_stack(
+        tmp_path_factory.mktemp("degraded-stack"),
+        demo_model_dir,
         redis_url=private_redis.url,
-        ports=ports,
         extra_env={
-            "GATEWAY_CACHE_PREFIX": f"deg-{uuid.uuid4().hex[:12]}",
-            "FEATURE_TORCH_THREADS": "1",
             "GATEWAY_RATE_LIMITS": json.dumps({"items:read": {"rate": 0.25, "burst": 3}}),
             "GATEWAY_IP_RATE_LIMIT": json.dumps({"rate": 0.5, "burst": 15}),
             "GATEWAY_TOKEN_RATE_LIMIT": json.dumps({"rate": 0.1, "burst": 4}),
@@ -117,12 +119,8 @@ def dstack(
             "AUTH_ARGON2_TIME_COST": "1",
             "AUTH_ARGON2_MEMORY_KIB": "1024",
         },
-    )
-    stack.start()
-    try:
+    ) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
