@@ -9,6 +9,7 @@ Requests come from distinct client addresses (``X-Forwarded-For``, which uvicorn
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -414,15 +415,55 @@ def test_feature_service_down_cached_queries_still_answered_then_recovery(
 def test_retrieval_service_down_is_a_503_then_recovery(
     gw: httpx.Client, dstack: LocalStack, admin: dict[str, str], items: list[dict[str, Any]]
 ) -> None:
+    # An image no other test uploads: a shape on a background of its own.
+    shape = list(demo_collection())[10].image.copy()
+    shape.putpixel((0, 0), (1, 2, 3))
+    new_image = png_bytes(shape)
+    digest = hashlib.sha256(new_image).hexdigest()
     dstack.services["retrieval"].stop()
     try:
         response, took = timed(lambda: search(gw, admin, "a yellow star"))
         assert_problem(response, 503, "retrieval_unavailable")
         assert response.headers["retry-after"]
         assert took < SEARCH_BUDGET + 2
+        # A write whose vectors cannot be made durable is refused, and recorded as failed with
+        # its reason rather than left half-made.
+        upload = gw.post(
+            "/items",
+            headers={**admin, **fresh_ip()},
+            data={"collection": COLLECTION, "caption": ["a brand new shape"]},
+            files={"image": ("new.png", new_image, "image/png")},
+        )
+        assert_problem(upload, 503, "retrieval_unavailable")
     finally:
         dstack.services["retrieval"].start()
         dstack.services["retrieval"].wait_ready(120)
+    known = httpx.post(
+        f"{dstack.url('metadata')}/collections/{COLLECTION}/hashes",
+        json={"sha256": [digest]},
+        timeout=10,
+    ).json()
+    (match,) = known["items"]
+    item_id = match["id"]
+    failed = httpx.get(f"{dstack.url('metadata')}/items/{item_id}", timeout=10).json()
+    assert failed["status"] == "failed"
+    assert "retrieval_unavailable" in failed["error"]
+
     response = wait_until_ok(lambda: search(gw, admin, "a yellow star"), BREAKER_RESET + 15)
     assert response.status_code == 200, response.text
     assert response.json()["results"]
+    assert item_id not in [r["item_id"] for r in response.json()["results"]]
+    # Sending it again retries the failed item, which then becomes searchable.
+    retried = wait_until_ok(
+        lambda: gw.post(
+            "/items",
+            headers={**admin, **fresh_ip()},
+            data={"collection": COLLECTION, "caption": ["a brand new shape"]},
+            files={"image": ("new.png", new_image, "image/png")},
+        ),
+        BREAKER_RESET + 15,
+    )
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["status"] == "indexed"
+    found = search(gw, admin, "a brand new shape", mode="keyword").json()["results"]
+    assert retried.json()["id"] in [r["item_id"] for r in found]
