@@ -121,6 +121,7 @@ class VectorSet:
         self._index: faiss.Index | None = None
         self._family = indexing.FAMILY_FLAT
         self._nlist = 0
+        self._hnsw_quantizer = False
         self._default_rescore = indexing.DEFAULT_RESCORE_FACTOR
         self._selector_ok = True
         self._factory_built: str | None = None
@@ -488,6 +489,8 @@ class VectorSet:
         self._index = index
         self._family = family(index)
         self._nlist = indexing.nlist_of(index)
+        self._hnsw_quantizer = indexing.has_hnsw_quantizer(index)
+        indexing.deepen_quantizer(index)
         self._default_rescore = indexing.default_rescore_factor(index)
         self._selector_ok = indexing.supports_selector(index)
         self._factory_built = factory
@@ -602,7 +605,12 @@ class VectorSet:
         ef_search: int,
     ) -> np.ndarray:
         params = indexing.search_params(
-            self._family, self._nlist, selector, nprobe=nprobe, ef_search=ef_search
+            self._family,
+            self._nlist,
+            selector,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            hnsw_quantizer=self._hnsw_quantizer,
         )
         if params is None:
             _, labels = index.search(queries, k)

@@ -166,14 +166,14 @@ def test_auto_picks_by_size_and_memory_budget() -> None:
     # 2 GiB no.
     assert choose_factory(1_000_000, 512, budget_bytes=8 * gib, storage="float32") == ("HNSW32,SQ8")
     assert choose_factory(1_000_000, 512, budget_bytes=2 * gib, storage="float32") == (
-        "IVF2048,PQ64"
+        "IVF2048,PQ128"
     )
     # Memory-mapped float16 vectors are paged by the OS, not counted against the budget.
     assert choose_factory(1_000_000, 512, budget_bytes=2 * gib, storage="float16-mmap") == (
         "HNSW32,SQ8"
     )
     assert choose_factory(10_000_000, 512, budget_bytes=8 * gib, storage="float16-mmap") == (
-        "IVF8192_HNSW32,PQ64"
+        "IVF8192_HNSW32,PQ128"
     )
 
 
@@ -191,7 +191,7 @@ def test_auto_moves_a_growing_set_through_the_index_types(
         seen.append(vs.index_factory)
     assert seen[0] == "Flat"
     assert "HNSW32,SQ8" in seen
-    assert seen[-1] is not None and seen[-1].startswith("IVF") and seen[-1].endswith(",PQ2")
+    assert seen[-1] is not None and seen[-1].startswith("IVF") and seen[-1].endswith(",PQ4")
     queries = clustered(10, seed=8)
     truth = [brute_force(np.arange(4000), vectors, q, 5) for q in queries]
     assert recall(vs.search(queries, 5, nprobe=1024, rescore_factor=50), truth) == 1.0
@@ -322,3 +322,34 @@ def test_a_background_rebuild_is_cancelled_when_the_store_closes(
     began = time.monotonic()
     store.close()  # does not wait for 120 slow chunks
     assert time.monotonic() - began < 5
+
+
+def test_an_hnsw_quantizer_assigns_and_probes_the_nearest_lists() -> None:
+    """IVF…_HNSW32 (what auto builds from 4,096 lists): at Faiss' default depth the quantizer
+    files vectors under lists that are not their nearest, and a search probes the wrong ones."""
+    import faiss
+
+    x = ClipLike(32, seed=5).rows(0, 20_000)
+    index = indexing.new_index(32, "IVF1024_HNSW32,Flat")
+    index.train(x)
+    ivf = faiss.extract_index_ivf(index)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    assert quantizer.hnsw.efSearch >= indexing.QUANTIZER_EF
+    exact = faiss.IndexFlatIP(32)
+    exact.add(quantizer.reconstruct_n(0, ivf.nlist))
+    _, nearest = exact.search(x[:2000], 1)
+    _, assigned = quantizer.search(x[:2000], 1)
+    assert (assigned == nearest).mean() > 0.99
+
+    params = indexing.search_params(
+        indexing.FAMILY_IVF, 1024, None, nprobe=100, ef_search=None, hnsw_quantizer=True
+    )
+    assert params.nprobe == 100
+    assert params.quantizer_params is not None
+    assert indexing.quantizer_ef(100) == 200 and indexing.quantizer_ef(8) == indexing.QUANTIZER_EF
+
+    # An index saved before this setting existed is deepened when a vector set takes it.
+    quantizer.hnsw.efSearch = 16
+    vs = VectorSet(32, IndexSpec(factory="IVF1024_HNSW32,Flat"))
+    vs._install(index, "IVF1024_HNSW32,Flat", 0, set())
+    assert quantizer.hnsw.efSearch == indexing.QUANTIZER_EF
