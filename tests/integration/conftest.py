@@ -17,6 +17,7 @@ from crossmodal.stack import LocalStack
 from tests.integration.support import (
     SHAPES_COLLECTION,
     add_item,
+    gateway_client,
     get_token,
     png_bytes,
     running_stack,
@@ -31,7 +32,7 @@ def stack(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="session")
 def gateway(stack: LocalStack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.url("gateway"), timeout=60.0) as client:
+    with gateway_client(stack) as client:
         yield client
 
 

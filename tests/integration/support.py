@@ -60,6 +60,18 @@ def running_stack(
         stack.stop()
 
 
+@contextmanager
+def gateway_client(stack: LocalStack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url("gateway"), timeout=60.0) as client:
+        yield client
+
+
+def bearer(gateway: httpx.Client, scope: str | None = None) -> dict[str, str]:
+    """Authorization headers with a fresh token of the development user."""
+    token = get_token(gateway) if scope is None else get_token(gateway, scope)
+    return {"Authorization": f"Bearer {token}"}
+
+
 def png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -16,7 +16,7 @@ import pytest
 from crossmodal.cli import DEMO_COLLECTION, seed_demo_collection
 from crossmodal.demo.emoji import Emoji, demo_set, render
 from crossmodal.stack import LocalStack
-from tests.integration.support import get_token, png_bytes, running_stack
+from tests.integration.support import bearer, gateway_client, png_bytes, running_stack
 
 EXAMPLES = {"pizza": "🍕", "crying face": "😢", "red heart": "❤️"}
 
@@ -36,13 +36,13 @@ def emoji_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
 
 @pytest.fixture(scope="module")
 def emoji_gateway(emoji_stack: LocalStack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=emoji_stack.url("gateway"), timeout=60.0) as client:
+    with gateway_client(emoji_stack) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def emoji_auth(emoji_gateway: httpx.Client) -> dict[str, str]:
-    return {"Authorization": f"Bearer {get_token(emoji_gateway)}"}
+    return bearer(emoji_gateway)
 
 
 def test_demo_is_indexed_once_and_answers_the_readme_queries(
