@@ -138,7 +138,9 @@ def test_everything_is_indexed_once_with_captions_and_attributes(
     assert not report.interrupted and report.items_per_second > 0
     states = items_in(metadata)
     assert len(states) == 12 and {s["status"] for s in states} == {"indexed"}
-    item = metadata.get(f"/items/{states[3]['id']}").json()
+    # Uploads run concurrently, so ids follow completion order: find record 3 by its attributes.
+    items = [metadata.get(f"/items/{s['id']}").json() for s in states]
+    (item,) = [i for i in items if i["attributes"].get("n") == 3]
     assert item["captions"][0]["text"] == "caption 3"
     assert item["attributes"] == {"n": 3} and item["tags"] == ["batch"]
     assert item["source_uri"] == Path(folder[3].source).as_uri()
