@@ -59,7 +59,7 @@ from benchmarks.retrieval_data import (
     say,
     time_queries,
 )
-from benchmarks.retrieval_peers import EF_SWEEP, PEERS, Engine, Lance, Missing
+from benchmarks.retrieval_peers import EF_SWEEP, IVF_SWEEP, PEERS, Engine, Lance, Missing
 from services.retrieval.build import Source, build
 from services.retrieval.indexing import (
     IndexSpec,
@@ -104,36 +104,10 @@ class Ours:
         elif key == "ivf-pqfs":
             # 4-bit PQ codes scanned with SIMD (Faiss "fast scan"), exact re-scoring.
             self.index = f"IVF{nlist},PQ{max(1, dim // 4)}x4fs"
-            self.sweep = [
-                {"nprobe": p, "rescore_factor": r}
-                for p, r in (
-                    (8, 4),
-                    (16, 4),
-                    (16, 8),
-                    (32, 8),
-                    (32, 16),
-                    (64, 16),
-                    (64, 32),
-                    (128, 32),
-                    (256, 64),
-                )
-            ]
+            self.sweep = [{"nprobe": p, "rescore_factor": r} for p, r in IVF_SWEEP]
         elif key == "ivf-pq":
             self.index = ivfpq_factory(n, dim)
-            self.sweep = [
-                {"nprobe": p, "rescore_factor": r}
-                for p, r in (
-                    (8, 4),
-                    (16, 4),
-                    (16, 8),
-                    (32, 8),
-                    (32, 16),
-                    (64, 16),
-                    (64, 32),
-                    (128, 32),
-                    (256, 64),
-                )
-            ]
+            self.sweep = [{"nprobe": p, "rescore_factor": r} for p, r in IVF_SWEEP]
         else:
             raise ValueError(key)
         self.depth: dict[str, Any] = {}

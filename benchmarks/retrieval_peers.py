@@ -21,6 +21,8 @@ import numpy as np
 HNSW_M = 32
 EF_CONSTRUCTION = 100
 EF_SWEEP = [10, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256, 384, 512, 768]
+# IVF engines: (lists probed, candidates re-scored per result), shallow to deep.
+IVF_SWEEP = [(8, 4), (16, 4), (16, 8), (32, 8), (32, 16), (64, 16), (64, 32), (128, 32), (256, 64)]
 _CHUNK = 50_000
 
 
@@ -272,20 +274,7 @@ class Lance:
         self.setting = {"nprobes": 16, "refine_factor": 4}
 
     def settings(self) -> list[dict[str, Any]]:
-        return [
-            {"nprobes": p, "refine_factor": r}
-            for p, r in (
-                (8, 4),
-                (16, 4),
-                (16, 8),
-                (32, 8),
-                (32, 16),
-                (64, 16),
-                (64, 32),
-                (128, 32),
-                (256, 64),
-            )
-        ]
+        return [{"nprobes": p, "refine_factor": r} for p, r in IVF_SWEEP]
 
     def configure(self, setting: dict[str, Any]) -> None:
         self.setting = setting
