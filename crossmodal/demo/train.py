@@ -21,6 +21,7 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 from crossmodal.demo.model import MAX_TEXT_TOKENS, image_processor, new_model
 from crossmodal.demo.shapes import TEMPLATES, concepts, demo_collection, training_samples
 from crossmodal.demo.tokenizer import build_clip_tokenizer
+from services.feature.model import pooled
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +109,13 @@ def evaluate(model: CLIPModel, tokenizer: PreTrainedTokenizerBase) -> tuple[floa
     size = model.config.vision_config.image_size
     pixels = image_processor(size)(images=[i.image for i in items], return_tensors="pt")
     text = tokenizer([i.caption for i in items], padding=True, truncation=True, return_tensors="pt")
-    image_vectors = F.normalize(_features(model.get_image_features(**pixels)), dim=-1)
-    text_vectors = F.normalize(_features(model.get_text_features(**text)), dim=-1)
+    image_vectors = F.normalize(pooled(model.get_image_features(**pixels)), dim=-1)
+    text_vectors = F.normalize(pooled(model.get_text_features(**text)), dim=-1)
     similarity = text_vectors @ image_vectors.T
     target = torch.arange(len(items))
     t2i = (similarity.argmax(dim=1) == target).float().mean().item()
     i2t = (similarity.argmax(dim=0) == target).float().mean().item()
     return t2i, i2t
-
-
-def _features(output: object) -> torch.Tensor:
-    # transformers 5 returns an output object (projected vectors in pooler_output), 4 a tensor.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
 
 
 def train(

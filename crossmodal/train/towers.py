@@ -15,17 +15,7 @@ from typing import Any
 
 import torch
 
-
-def features(output: Any) -> torch.Tensor:
-    """The projected features from ``get_*_features``: a tensor in transformers 4, an output
-    object carrying them in ``pooler_output`` in transformers 5."""
-    if isinstance(output, torch.Tensor):
-        return output
-    for name in ("pooler_output", "text_embeds", "image_embeds"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"cannot find features in a {type(output).__name__}")
+from services.feature.model import pooled as projected_features
 
 
 def freeze(module: torch.nn.Module) -> None:
@@ -84,11 +74,11 @@ class Towers:
             with torch.no_grad():
                 pooled = self.model.vision_model(pixel_values=pixel_values).pooler_output
             return self.model.visual_projection(pooled)
-        return features(self.model.get_image_features(pixel_values=pixel_values))
+        return projected_features(self.model.get_image_features(pixel_values=pixel_values))
 
     def text_features(self, captions: Sequence[str]) -> torch.Tensor:
         if not self.freeze_text:
-            return features(self.model.get_text_features(**self._tokenize(captions)))
+            return projected_features(self.model.get_text_features(**self._tokenize(captions)))
         missing = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
         if missing:
             self._fill_cache(missing)
@@ -115,7 +105,7 @@ class Towers:
         if self._split_text:
             outputs = self.model.text_model(**batch).pooler_output
         else:
-            outputs = features(self.model.get_text_features(**batch))
+            outputs = projected_features(self.model.get_text_features(**batch))
         for caption, vector in zip(captions, outputs.float().cpu(), strict=True):
             self._text_cache[caption] = vector
 
