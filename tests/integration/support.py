@@ -66,10 +66,9 @@ def gateway_client(stack: LocalStack) -> Iterator[httpx.Client]:
         yield client
 
 
-def bearer(gateway: httpx.Client, scope: str | None = None) -> dict[str, str]:
-    """Authorization headers with a fresh token of the development user."""
-    token = get_token(gateway) if scope is None else get_token(gateway, scope)
-    return {"Authorization": f"Bearer {token}"}
+def bearer(gateway: httpx.Client) -> dict[str, str]:
+    """Authorization headers with a fresh token of the development user, every scope."""
+    return {"Authorization": f"Bearer {get_token(gateway)}"}
 
 
 def png_bytes(image: Any) -> bytes:
