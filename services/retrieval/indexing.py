@@ -239,6 +239,21 @@ def core_index(index: faiss.Index) -> faiss.Index:
     return index
 
 
+def scores_are_exact(index: faiss.Index) -> bool:
+    """Whether ``index`` scores candidates by the exact inner product of float32 rows (Flat,
+    IVF-Flat, HNSW over Flat; no transform), so re-scoring them from storage repeats the same
+    arithmetic."""
+    outer = faiss.downcast_index(index)
+    while isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+        outer = faiss.downcast_index(outer.index)
+    if isinstance(outer, faiss.IndexHNSW):
+        outer = faiss.downcast_index(outer.storage)
+    return (
+        isinstance(outer, faiss.IndexFlat | faiss.IndexIVFFlat)
+        and outer.metric_type == faiss.METRIC_INNER_PRODUCT
+    )
+
+
 def family(index: faiss.Index) -> str:
     core = core_index(index)
     if isinstance(core, faiss.IndexIVF):

@@ -124,6 +124,7 @@ class VectorSet:
         self._hnsw_quantizer = False
         self._default_rescore = indexing.DEFAULT_RESCORE_FACTOR
         self._selector_ok = True
+        self._scores_exact = False
         self._factory_built: str | None = None
         self._built_n = 0
         self._train_failed_n = 0
@@ -493,6 +494,7 @@ class VectorSet:
         indexing.deepen_quantizer(index)
         self._default_rescore = indexing.default_rescore_factor(index)
         self._selector_ok = indexing.supports_selector(index)
+        self._scores_exact = indexing.scores_are_exact(index)
         self._factory_built = factory
         self._built_n = built_n
         self._dead = dead
@@ -561,12 +563,15 @@ class VectorSet:
         )
         nprobe = nprobe or self.spec.nprobe
         ef = max(ef_search or self.spec.ef_search or indexing.DEFAULT_EF_SEARCH, fetch)
-        labels = self._index_search(index, queries, fetch, selector, nprobe, ef)
+        # Without stale entries (an overwritten or deleted id still in an HNSW graph), an index
+        # that scores by the exact inner product needs no second scoring from storage.
+        trust_scores = self._scores_exact and int(index.ntotal) == self._n
+        scores, labels = self._index_search(index, queries, fetch, selector, nprobe, ef)
         want = min(k, eligible)
         nlist = self._nlist
         results = []
         for q, query in enumerate(queries):
-            hits = self._rescore(query, labels[q], k)
+            hits = self._hits(query, scores[q], labels[q], k, trust_scores)
             width, probe, depth = fetch, nprobe or indexing.default_nprobe(nlist), ef
             # Too few distinct live candidates (stale duplicates, a restrictive filter, an IVF
             # probing few lists): search wider and deeper, and at the end fall back to exact.
@@ -574,7 +579,7 @@ class VectorSet:
                 width = min(2 * width, int(index.ntotal))
                 probe, depth = min(2 * probe, max(nlist, 1)), max(depth, width)
                 wider = self._index_search(index, queries[q : q + 1], width, selector, probe, depth)
-                hits = self._rescore(query, wider[0], k)
+                hits = self._hits(query, wider[0][0], wider[1][0], k, trust_scores)
             if len(hits) < want:
                 hits = self._exact(queries[q : q + 1], k, rows)[0]
             results.append(hits)
@@ -603,7 +608,8 @@ class VectorSet:
         selector: faiss.IDSelector | None,
         nprobe: int | None,
         ef_search: int,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the index's best ``k`` per query (-1 where it has fewer)."""
         params = indexing.search_params(
             self._family,
             self._nlist,
@@ -613,10 +619,16 @@ class VectorSet:
             hnsw_quantizer=self._hnsw_quantizer,
         )
         if params is None:
-            _, labels = index.search(queries, k)
-        else:
-            _, labels = index.search(queries, k, params=params)
-        return labels
+            return index.search(queries, k)
+        return index.search(queries, k, params=params)
+
+    def _hits(
+        self, query: np.ndarray, scores: np.ndarray, labels: np.ndarray, k: int, trusted: bool
+    ) -> list[Hit]:
+        if not trusted:
+            return self._rescore(query, labels, k)
+        live = np.fromiter((i >= 0 and i in self._row for i in labels.tolist()), bool, len(labels))
+        return _top(labels[live], scores[live], k)
 
     def _rescore(self, query: np.ndarray, labels: np.ndarray, k: int) -> list[Hit]:
         candidates = np.unique(labels[labels >= 0])  # also folds stale duplicates of an id

@@ -149,6 +149,42 @@ def test_factories_the_service_cannot_use_are_refused(factory: str) -> None:
         indexing.check_factory(DIM, factory)
 
 
+@pytest.mark.parametrize(
+    ("factory", "exact"),
+    [
+        ("Flat", True),
+        ("HNSW32", True),
+        ("IVF16,Flat", True),
+        ("HNSW32,SQ8", False),
+        ("IVF16,PQ2", False),
+        ("SQ8", False),
+        ("PCA8,Flat", False),
+    ],
+)
+def test_only_indexes_of_float32_rows_have_their_scores_trusted(factory: str, exact: bool) -> None:
+    assert indexing.scores_are_exact(indexing.new_index(DIM, factory)) is exact
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat", "Flat"])
+def test_index_scores_are_not_trusted_while_stale_entries_remain(factory: str) -> None:
+    # Exact-scoring indexes skip the re-scoring from storage, but an HNSW graph keeps the old
+    # entry of an overwritten or deleted id: its score must not be taken from that entry.
+    vectors = clustered(2000)
+    ids = np.arange(2000, dtype=np.int64)
+    vs = VectorSet(DIM, IndexSpec(factory=factory, rescore_factor=1))
+    vs.upsert(ids, vectors)
+    moved, deleted = 7, 8
+    vs.upsert(np.array([moved]), -vectors[moved : moved + 1])
+    vs.delete(np.array([deleted]))
+    for target in (moved, deleted):
+        hits = vs.search(vectors[target : target + 1], 10, ef_search=64)[0]
+        assert target not in [i for i, _ in hits]
+        for i, score in hits:
+            assert score == pytest.approx(float(vectors[i] @ vectors[target]), abs=1e-5)
+    (top,) = vs.search(-vectors[moved : moved + 1], 1, ef_search=64)[0]
+    assert top == (moved, pytest.approx(1.0, abs=1e-5))
+
+
 def test_hnsw_build_depth_is_set_from_the_settings() -> None:
     vs = VectorSet(DIM, IndexSpec(factory="HNSW16", ef_construction=48))
     vs.upsert(np.arange(10), clustered(10))
