@@ -43,6 +43,7 @@ from services.retrieval.indexing import (
     choose_factory,
     min_train_size,
     new_index,
+    order_for_locality,
     train_sample_size,
 )
 from services.retrieval.store import BUILD_PREFIX, lock_data_directory
@@ -329,6 +330,7 @@ def _run(
             if stop("add", added):
                 return work
     report("add", n, n)
+    order_for_locality(index)
 
     # 4. The snapshot and metadata, then the collection appears in one rename.
     del rows

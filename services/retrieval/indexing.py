@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import faiss
+import numpy as np
 
 from services.retrieval.errors import InvalidIndexSettings
 
@@ -237,6 +238,37 @@ def core_index(index: faiss.Index) -> faiss.Index:
     while isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2 | faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
     return index
+
+
+# HNSW visits rows in graph order, which is random in memory: numbering the rows of one k-means
+# cluster together turns many of those visits into cache and TLB hits. Measured at 1M x 512
+# (docs/retrieval.md): p50 -10 % at the same recall; the graph and the answers do not change.
+LOCALITY_MIN = 65_536
+_LOCALITY_ROWS_PER_CLUSTER = 512
+_LOCALITY_MAX_CLUSTERS = 1024
+
+
+def order_for_locality(index: faiss.Index) -> bool:
+    """Renumber the rows of an HNSW-over-Flat index (under its id map) so that rows of one
+    k-means cluster sit together in memory. Returns whether it did."""
+    outer = faiss.downcast_index(index)
+    if not isinstance(outer, faiss.IndexIDMap):
+        return False
+    core = faiss.downcast_index(outer.index)
+    n, d = int(core.ntotal), int(core.d)
+    if not isinstance(core, faiss.IndexHNSWFlat) or n < LOCALITY_MIN:
+        return False
+    storage = faiss.downcast_index(core.storage)
+    rows = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)  # a view, not a copy
+    clusters = min(_LOCALITY_MAX_CLUSTERS, n // _LOCALITY_ROWS_PER_CLUSTER)
+    kmeans = faiss.Kmeans(d, clusters, niter=10, seed=1, max_points_per_centroid=64)
+    kmeans.train(np.ascontiguousarray(rows[:: max(1, n // (64 * clusters))]))
+    _, cluster = kmeans.index.search(rows, 1)
+    order = np.argsort(cluster[:, 0], kind="stable").astype(np.int64)
+    ids = faiss.vector_to_array(outer.id_map)
+    core.permute_entries(order)  # row j now holds what row order[j] held
+    faiss.copy_array_to_vector(ids[order], outer.id_map)
+    return True
 
 
 def scores_are_exact(index: faiss.Index) -> bool:

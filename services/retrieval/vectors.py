@@ -449,6 +449,7 @@ class VectorSet:
                 index.add_with_ids(chunk, chunk_ids)
             if progress:
                 progress("add", min(n, start + _BUILD_CHUNK), n)
+        indexing.order_for_locality(index)
         return index
 
     def _current_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
