@@ -1,7 +1,8 @@
 """HTTP API of the retrieval service: thin routes over ``store.Store``.
 
-Faiss and fsync calls block, so every route hands its work to the thread pool; the store's
-per-collection locks make concurrent requests safe.
+Faiss and fsync calls block, so routes hand their work to the thread pool (a lone short search
+runs on the event loop instead: see ``runner``); the store's per-collection locks make
+concurrent requests safe.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from services.retrieval.indexing import (
     use_threads,
 )
 from services.retrieval.metrics import SEARCH_SECONDS, VECTORS, WAL_BYTES
+from services.retrieval.runner import SearchRunner
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.store import (
     INT64_MAX,
@@ -240,6 +242,10 @@ def _matrix(rows: list[list[float]]) -> np.ndarray:
     return matrix
 
 
+def depth_of(body: SearchRequest) -> SearchDepth:
+    return SearchDepth(body.nprobe, body.ef_search, body.rescore_factor)
+
+
 def _observe(collection: Collection) -> None:
     for modality, count in collection.counts().items():
         VECTORS.labels(collection.name, modality).set(count)
@@ -304,6 +310,8 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         readiness=readiness,
         description="Image and text vectors per collection, searched with Faiss.",
     )
+
+    searches = SearchRunner()
 
     def check_batch(size: int) -> None:
         if size > settings.max_batch:
@@ -403,7 +411,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             target.check_model(body.model_id)  # a model mismatch says more than a dimension one
             queries = _matrix(body.vectors)
             allow = None if body.allow_ids is None else np.asarray(body.allow_ids, np.int64)
-            depth = SearchDepth(body.nprobe, body.ef_search, body.rescore_factor)
+            depth = depth_of(body)
             started = time.perf_counter()
             hits = target.search(
                 body.modality,
@@ -416,7 +424,11 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
             SEARCH_SECONDS.observe(time.perf_counter() - started)
             return hits
 
-        results = await run_in_threadpool(work)
+        # Searches of one shape cost alike; filtered ones vary with the allow-list.
+        kind = None
+        if len(body.vectors) == 1 and body.allow_ids is None:
+            kind = (collection, body.modality, body.top_k, depth_of(body))
+        results = await searches.run(kind, work)
         # Serialised here rather than through the response model: on this hot path FastAPI's
         # model validation and encoding cost more than the search of a small collection.
         body = {"results": [[{"id": i, "score": s} for i, s in hits] for hits in results]}
