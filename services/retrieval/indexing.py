@@ -246,25 +246,30 @@ def core_index(index: faiss.Index) -> faiss.Index:
 LOCALITY_MIN = 65_536
 _LOCALITY_ROWS_PER_CLUSTER = 512
 _LOCALITY_MAX_CLUSTERS = 1024
+_LOCALITY_CHUNK = 65_536
 
 
 def order_for_locality(index: faiss.Index) -> bool:
-    """Renumber the rows of an HNSW-over-Flat index (under its id map) so that rows of one
-    k-means cluster sit together in memory. Returns whether it did."""
+    """Renumber the rows of an HNSW index over float or scalar-quantised rows (under its id map)
+    so that rows of one k-means cluster sit together in memory. Returns whether it did."""
     outer = faiss.downcast_index(index)
     if not isinstance(outer, faiss.IndexIDMap):
         return False
     core = faiss.downcast_index(outer.index)
-    n, d = int(core.ntotal), int(core.d)
-    if not isinstance(core, faiss.IndexHNSWFlat) or n < LOCALITY_MIN:
+    if not isinstance(core, faiss.IndexHNSW) or int(core.ntotal) < LOCALITY_MIN:
         return False
     storage = faiss.downcast_index(core.storage)
-    rows = faiss.rev_swig_ptr(storage.get_xb(), n * d).reshape(n, d)  # a view, not a copy
+    if not isinstance(storage, faiss.IndexFlat | faiss.IndexScalarQuantizer):
+        return False
+    n, d = int(core.ntotal), int(core.d)
     clusters = min(_LOCALITY_MAX_CLUSTERS, n // _LOCALITY_ROWS_PER_CLUSTER)
     kmeans = faiss.Kmeans(d, clusters, niter=10, seed=1, max_points_per_centroid=64)
-    kmeans.train(np.ascontiguousarray(rows[:: max(1, n // (64 * clusters))]))
-    _, cluster = kmeans.index.search(rows, 1)
-    order = np.argsort(cluster[:, 0], kind="stable").astype(np.int64)
+    kmeans.train(storage.reconstruct_batch(np.arange(0, n, max(1, n // (64 * clusters)))))
+    cluster = np.empty(n, dtype=np.int64)
+    for start in range(0, n, _LOCALITY_CHUNK):  # decoded a chunk at a time
+        rows = storage.reconstruct_n(start, min(_LOCALITY_CHUNK, n - start))
+        cluster[start : start + len(rows)] = kmeans.index.search(rows, 1)[1][:, 0]
+    order = np.argsort(cluster, kind="stable").astype(np.int64)
     ids = faiss.vector_to_array(outer.id_map)
     core.permute_entries(order)  # row j now holds what row order[j] held
     faiss.copy_array_to_vector(ids[order], outer.id_map)

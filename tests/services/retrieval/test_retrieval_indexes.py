@@ -186,24 +186,40 @@ def test_index_scores_are_not_trusted_while_stale_entries_remain(factory: str) -
     assert top == (moved, pytest.approx(1.0, abs=1e-5))
 
 
+@pytest.mark.parametrize("factory", ["HNSW32", "HNSW32,SQfp16", "HNSW32,SQ8"])
 def test_locality_order_renumbers_hnsw_rows_without_changing_answers(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, factory: str
 ) -> None:
     monkeypatch.setattr(indexing, "LOCALITY_MIN", 1000)
+    monkeypatch.setattr(indexing, "_LOCALITY_CHUNK", 700)  # several chunks
     vectors = clustered(3000)
     ids = np.arange(50_000, 53_000, dtype=np.int64)
-    index = indexing.new_index(DIM, "HNSW32")
+    index = indexing.new_index(DIM, factory)
+    index.train(vectors)
     index.add_with_ids(vectors, ids)
+    stored = indexing.core_index(index).reconstruct_n(0, 3000)
     queries = clustered(50, seed=6)
     before = index.search(queries, 10)
     assert indexing.order_for_locality(index)
     id_map = faiss.vector_to_array(faiss.downcast_index(index).id_map)
     assert not np.array_equal(id_map, ids)  # renumbered ...
     core = indexing.core_index(index)
-    assert np.array_equal(core.reconstruct_n(0, 3000), vectors[id_map - 50_000])  # ... rows too
+    assert np.array_equal(core.reconstruct_n(0, 3000), stored[id_map - 50_000])  # ... rows too
     after = index.search(queries, 10)
     assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
-    assert not indexing.order_for_locality(indexing.new_index(DIM, "HNSW32,SQ8"))
+
+
+def test_locality_order_leaves_other_indexes_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(indexing, "LOCALITY_MIN", 1000)
+    vectors = clustered(3000)
+    for factory in ("HNSW32,PQ8x4", "IVF16,Flat", "Flat"):
+        index = indexing.new_index(DIM, factory)
+        index.train(vectors)
+        index.add_with_ids(vectors, np.arange(3000))
+        assert not indexing.order_for_locality(index)
+    small = indexing.new_index(DIM, "HNSW32")
+    small.add_with_ids(vectors[:999], np.arange(999))
+    assert not indexing.order_for_locality(small)
 
 
 def test_hnsw_build_depth_is_set_from_the_settings() -> None:
