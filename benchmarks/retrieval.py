@@ -100,13 +100,13 @@ class Ours:
             self.index = "HNSW32"
             self.sweep = [{"ef_search": ef, "rescore_factor": 1} for ef in EF_SWEEP]
         elif key == "hnsw-fp16":
-            # Half the memory traffic of float32 rows for nearly the same graph distances;
-            # the k candidates are re-scored from the float32 rows.
+            # What auto builds: half the memory traffic of float32 rows for practically the
+            # same graph distances; the k candidates are re-scored from the float32 rows.
             self.index = "HNSW32,SQfp16"
             self.sweep = [{"ef_search": ef, "rescore_factor": 1} for ef in EF_SWEEP]
         elif key == "hnsw-sq8":
-            # What auto builds: 8-bit codes in the graph (a quarter of the memory traffic),
-            # candidates re-scored from the float32 rows.
+            # 8-bit codes in the graph (a quarter of the memory traffic), candidates re-scored
+            # from the float32 rows.
             self.index = "HNSW32,SQ8"
             self.sweep = [{"ef_search": ef, "rescore_factor": 2} for ef in EF_SWEEP]
         elif key == "ivf-pqfs":

@@ -235,15 +235,17 @@ def test_hnsw_build_depth_is_set_from_the_settings() -> None:
 def test_auto_picks_by_size_and_memory_budget() -> None:
     gib = 1 << 30
     assert choose_factory(5_000, 512, budget_bytes=gib, storage="float32") == "Flat"
-    # 1M x 512: 2 GB of vectors, 0.13 GB of ids, 0.8 GB of HNSW with 8-bit codes: 8 GiB yes,
+    # 1M x 512: 2 GB of vectors, 0.13 GB of ids, 1.3 GB of HNSW with float16 rows: 8 GiB yes,
     # 2 GiB no.
-    assert choose_factory(1_000_000, 512, budget_bytes=8 * gib, storage="float32") == ("HNSW32,SQ8")
+    assert choose_factory(1_000_000, 512, budget_bytes=8 * gib, storage="float32") == (
+        "HNSW32,SQfp16"
+    )
     assert choose_factory(1_000_000, 512, budget_bytes=2 * gib, storage="float32") == (
         "IVF2048,PQ128"
     )
     # Memory-mapped float16 vectors are paged by the OS, not counted against the budget.
     assert choose_factory(1_000_000, 512, budget_bytes=2 * gib, storage="float16-mmap") == (
-        "HNSW32,SQ8"
+        "HNSW32,SQfp16"
     )
     assert choose_factory(10_000_000, 512, budget_bytes=8 * gib, storage="float16-mmap") == (
         "IVF8192_HNSW32,PQ128"
@@ -263,7 +265,7 @@ def test_auto_moves_a_growing_set_through_the_index_types(
         vs.upsert(np.arange(start, start + 250, dtype=np.int64), vectors[start : start + 250])
         seen.append(vs.index_factory)
     assert seen[0] == "Flat"
-    assert "HNSW32,SQ8" in seen
+    assert "HNSW32,SQfp16" in seen
     assert seen[-1] is not None and seen[-1].startswith("IVF") and seen[-1].endswith(",PQ4")
     queries = clustered(10, seed=8)
     truth = [brute_force(np.arange(4000), vectors, q, 5) for q in queries]
