@@ -242,10 +242,6 @@ def _matrix(rows: list[list[float]]) -> np.ndarray:
     return matrix
 
 
-def depth_of(body: SearchRequest) -> SearchDepth:
-    return SearchDepth(body.nprobe, body.ef_search, body.rescore_factor)
-
-
 def _observe(collection: Collection) -> None:
     for modality, count in collection.counts().items():
         VECTORS.labels(collection.name, modality).set(count)
@@ -405,13 +401,13 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
     ) -> Response:
         check_batch(len(body.vectors))
         target = store.get(collection)
+        depth = SearchDepth(body.nprobe, body.ef_search, body.rescore_factor)
 
         def work() -> list[list[tuple[int, float]]]:
             use_threads(threads)
             target.check_model(body.model_id)  # a model mismatch says more than a dimension one
             queries = _matrix(body.vectors)
             allow = None if body.allow_ids is None else np.asarray(body.allow_ids, np.int64)
-            depth = depth_of(body)
             started = time.perf_counter()
             hits = target.search(
                 body.modality,
@@ -427,7 +423,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         # Searches of one shape cost alike; filtered ones vary with the allow-list.
         kind = None
         if len(body.vectors) == 1 and body.allow_ids is None:
-            kind = (collection, body.modality, body.top_k, depth_of(body))
+            kind = (collection, body.modality, body.top_k, depth)
         results = await searches.run(kind, work)
         # Serialised here rather than through the response model: on this hot path FastAPI's
         # model validation and encoding cost more than the search of a small collection.
