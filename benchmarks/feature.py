@@ -175,33 +175,39 @@ MODEL_NAMES = {
 }
 
 
-def onnx_export(source: Path) -> Path:
-    """The ONNX export of ``source``, made once (a subprocess keeps this one's memory small)."""
+def onnx_export(source: Path, quantize: str | None = None) -> Path:
+    """The ONNX export of ``source`` (int8 weights with ``quantize="int8"``), made once (a
+    subprocess keeps this one's memory small)."""
     from services.feature.model import ONNX_MANIFEST, default_model_id
+    from services.feature.onnx_runtime import PARITY_PROBE
 
-    out = source.with_name(source.name + "-onnx")
+    out = source.with_name(source.name + "-onnx" + (f"-{quantize}" if quantize else ""))
     manifest = out / ONNX_MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text())["model_id"] == default_model_id(
-        str(source)
+    if (
+        manifest.is_file()
+        and (out / PARITY_PROBE).is_file()
+        and json.loads(manifest.read_text())["model_id"] == default_model_id(str(source))
     ):
         return out
-    print(f"exporting {source} to ONNX (once)", file=sys.stderr)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "services.feature.export_onnx",
-            "--model",
-            str(source),
-            "--out",
-            str(out),
-            "--force",
-        ],
-        cwd=ROOT,
-        check=True,
-        stdout=subprocess.DEVNULL,
+    print(
+        f"exporting {source} to ONNX{f' ({quantize})' if quantize else ''} (once)", file=sys.stderr
     )
+    command = [sys.executable, "-m", "services.feature.export_onnx"]
+    command += ["--model", str(source), "--out", str(out), "--force"]
+    if quantize:
+        command += ["--quantize", quantize]
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return out
+
+
+def served_model(source: Path, runtime: str) -> tuple[Path, str]:
+    """(model folder, FEATURE_RUNTIME) for a benchmark runtime: ``onnx-int8`` is the runtime
+    ``onnx`` over an int8 export."""
+    if runtime == "onnx":
+        return onnx_export(source), "onnx"
+    if runtime == "onnx-int8":
+        return onnx_export(source, "int8"), "onnx"
+    return source, runtime
 
 
 # --- the baseline: the tutorial's loop ------------------------------------------------------
@@ -656,7 +662,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--runtimes",
         type=_csv,
-        help="service runtimes (cpu: torch,torch-bf16,onnx; cuda: torch-fp16)",
+        help="service runtimes (cpu: torch,torch-bf16,onnx,onnx-int8; cuda: torch-fp16)",
     )
     parser.add_argument("--clients", type=lambda v: [int(x) for x in _csv(v)], help="1,4,16")
     parser.add_argument("--seconds", type=float, help="measured seconds per point (default 15)")
@@ -678,7 +684,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gpu = args.device == "cuda"
     defaults: dict[str, Any] = {
         "models": ["vit-b32", "emoji"],
-        "runtimes": ["torch-fp16"] if gpu else ["torch", "torch-bf16", "onnx"],
+        "runtimes": ["torch-fp16"] if gpu else ["torch", "torch-bf16", "onnx", "onnx-int8"],
         "clients": [1, 4, 16],
         "seconds": 15.0,
         "warmup": 3.0,
@@ -734,11 +740,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         points += [image_base, text_base]
         for runtime in args.runtimes:
-            served = onnx_export(path) if runtime == "onnx" else path
             print(f"{label}: service, runtime {runtime}", file=sys.stderr)
             try:
+                served, feature_runtime = served_model(path, runtime)
                 new_points, info = bench_service(
-                    label, served, runtime, photos, texts, reference, args
+                    label, served, feature_runtime, photos, texts, reference, args
                 )
             except (RuntimeError, subprocess.CalledProcessError) as exc:
                 print(f"  skipped {runtime}: {exc}", file=sys.stderr)

@@ -1,12 +1,19 @@
 """Export a CLIP-family checkpoint for the ``onnx`` runtime.
 
     python -m services.feature.export_onnx --model var/demo/model --out var/demo/model-onnx
+    python -m services.feature.export_onnx --model var/demo/model --out DIR --quantize int8
     FEATURE_MODEL=var/demo/model-onnx FEATURE_RUNTIME=onnx python -m services.feature
 
 Writes ``text.onnx`` and ``image.onnx`` (each tower with its projection and the L2
-normalisation), the tokenizer, the image processor, ``config.json`` and ``feature_onnx.json``
-(the source model's id, so vectors keep it), then loads the result with ONNX Runtime and checks
-it against PyTorch: the export fails unless every vector has cosine >= 0.999 with PyTorch's.
+normalisation), the tokenizer, the image processor, ``config.json``, ``feature_onnx.json`` (the
+source model's id, so vectors keep it) and ``parity_probe.npz`` (a few texts and images with
+PyTorch's fp32 vectors for them), then loads the result with ONNX Runtime and checks it against
+those vectors: the export fails unless every vector has cosine >= 0.999 with PyTorch's. The
+runtime repeats that check at every load, on the machine that serves the export.
+
+``--quantize int8`` stores the weights of the matrix multiplications as int8 (per output
+channel) and quantises their inputs per batch at run time (ONNX Runtime's dynamic
+quantisation): on a CPU with AVX-512 VNNI a ViT-B/32 image pass costs about a third of fp32.
 
 Uses the TorchScript-based exporter (``dynamo=False``), which needs no extra package.
 """
@@ -37,13 +44,19 @@ from services.feature.model import (
     load_tokenizer,
     pooled,
 )
-from services.feature.onnx_runtime import IMAGE_FILE, TEXT_FILE, OnnxEmbedder
+from services.feature.onnx_runtime import (
+    IMAGE_FILE,
+    PARITY_PROBE,
+    TEXT_FILE,
+    OnnxEmbedder,
+)
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-PARITY = 0.999
+QUANTIZATIONS = ("int8",)
 _SAMPLE_TEXTS = ["a photo", "a much longer sample text, so that the batch needs padding"]
+_PROBE_TEXTS = ["a red circle", "two dogs playing in the snow, seen from far away", "x"]
 
 
 class _Tower(torch.nn.Module):
@@ -63,9 +76,16 @@ class _Tower(torch.nn.Module):
 
 
 def export(
-    model_name: str, out: Path, *, model_id: str | None = None, check: bool = True
+    model_name: str,
+    out: Path,
+    *,
+    model_id: str | None = None,
+    quantize: str | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
     """Export ``model_name`` (hub id or folder) into ``out``; returns the manifest."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {quantize!r}; choose one of {QUANTIZATIONS}")
     started = time.perf_counter()
     # Eager attention traces into plain ops; the fused kernels' shortcuts (a mask skipped when
     # it is all ones in the example batch, say) would be frozen into the graph.
@@ -116,55 +136,80 @@ def export(
             dynamo=False,
         )
     model.eval()
+    if quantize == "int8":
+        for name in (TEXT_FILE, IMAGE_FILE):
+            _quantize_int8(out / name)
     tokenizer.save_pretrained(str(out))
     image_processor.save_pretrained(str(out))
     model.config.save_pretrained(str(out))
+    _write_probe(model, tokenizer, image_processor, out / PARITY_PROBE, padding, max_length)
     manifest = {
         "model_id": model_id or default_model_id(model_name),
         "source": model_name,
         "architecture": type(model).__name__,
         "text_inputs": text_names,
+        "weights": quantize or "float32",
         "opset": OPSET,
         "torch": torch.__version__,
     }
     (out / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     if check:
-        manifest["parity"] = check_parity(model, tokenizer, out, padding, max_length)
+        # Loading checks the parity probe and fails below the bound.
+        onnx = OnnxEmbedder.load(str(out), threads=torch.get_num_threads())
+        manifest["parity"] = onnx.parity
         (out / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log.info("exported %s to %s in %.1fs", model_name, out, time.perf_counter() - started)
     return manifest
 
 
-def check_parity(
-    model: Any, tokenizer: Any, out: Path, padding: str, max_length: int
-) -> dict[str, float]:
-    """Minimum cosine between ONNX Runtime's vectors and PyTorch's on a few texts and images;
-    raises ``ModelLoadError`` below ``PARITY``."""
-    onnx = OnnxEmbedder.load(str(out), threads=torch.get_num_threads())
-    texts = ["a red circle", "two dogs playing in the snow, seen from far away", "x"]
+def _quantize_int8(path: Path) -> None:
+    """Dynamic int8 quantisation of the matrix multiplications only: convolutions (a ViT's
+    patch embedding) stay fp32, as ONNX Runtime's integer convolution is slower than its fp32
+    one; per-channel weight scales keep the vectors within the parity bound."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_suffix(".int8.tmp")
+    quantize_dynamic(
+        str(path),
+        str(quantized),
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+    )
+    quantized.replace(path)
+
+
+def _write_probe(
+    model: Any,
+    tokenizer: Any,
+    image_processor: Any,
+    path: Path,
+    padding: str,
+    max_length: int,
+) -> None:
+    """A few texts and images (of several sizes) with fp32 PyTorch's vectors for them, as the
+    service would compute them: what every load of the export is checked against."""
     rng = np.random.default_rng(0)
     images = [
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         for h, w in ((240, 320), (300, 200), (64, 64))
     ]
     encoded = tokenizer(
-        texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
+        _PROBE_TEXTS, padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
     )
-    pixels = onnx.pipeline.to_tensor([onnx.prepare_image(i) for i in images], "cpu", torch.float32)
+    pixels = image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")
     with torch.inference_mode():
-        text_ref = F.normalize(pooled(model.get_text_features(**encoded)).float(), dim=-1).numpy()
-        image_ref = F.normalize(
-            pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1
-        ).numpy()
-    result = {
-        "text_min_cosine": float(
-            np.min(np.sum(onnx.embed_texts(texts).vectors * text_ref, axis=1))
-        ),
-        "image_min_cosine": float(np.min(np.sum(onnx.embed_images(images) * image_ref, axis=1))),
-    }
-    if min(result.values()) < PARITY:
-        raise ModelLoadError(f"the ONNX export differs from PyTorch: {result}")
-    return result
+        text_vectors = F.normalize(pooled(model.get_text_features(**encoded)).float(), dim=-1)
+        image_vectors = F.normalize(
+            pooled(model.get_image_features(pixel_values=pixels["pixel_values"])).float(), dim=-1
+        )
+    np.savez(
+        path,
+        texts=np.array(_PROBE_TEXTS),
+        text_vectors=text_vectors.numpy(),
+        image_vectors=image_vectors.numpy(),
+        **{f"image_{i}": image for i, image in enumerate(images)},
+    )
 
 
 def _max_length(model: Any, tokenizer: Any) -> int:
@@ -186,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="hub name or save_pretrained folder")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the export to")
     parser.add_argument("--model-id", help="the id vectors carry (default: the source's id)")
+    parser.add_argument(
+        "--quantize", choices=QUANTIZATIONS, help="int8: int8 weights for the matrix products"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing export")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check")
     args = parser.parse_args(argv)
@@ -197,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.out} is not an ONNX export; refusing to delete it")
         shutil.rmtree(args.out)
     try:
-        manifest = export(args.model, args.out, model_id=args.model_id, check=not args.no_check)
+        manifest = export(
+            args.model,
+            args.out,
+            model_id=args.model_id,
+            quantize=args.quantize,
+            check=not args.no_check,
+        )
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

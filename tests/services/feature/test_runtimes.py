@@ -89,6 +89,63 @@ def test_onnx_export_and_runtime(
     )
 
 
+def test_onnx_int8_export_and_runtime(
+    demo_model_dir: Path,
+    demo_embedder: TransformersEmbedder,
+    images: list,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    import onnx
+
+    from services.feature.onnx_runtime import IMAGE_FILE, TEXT_FILE, OnnxEmbedder
+
+    out = tmp_path_factory.mktemp("onnx-int8") / "export"
+    args = ["--model", str(demo_model_dir), "--out", str(out), "--quantize", "int8"]
+    assert export_main(args) == 0
+    manifest = json.loads((out / ONNX_MANIFEST).read_text())
+    assert manifest["weights"] == "int8" and min(manifest["parity"].values()) >= PARITY
+    for name in (TEXT_FILE, IMAGE_FILE):
+        graph = onnx.load(str(out / name)).graph
+        weights = {w.name for w in graph.initializer}
+        ops = [node.op_type for node in graph.node]
+        # Every product with a weight matrix is an integer one; the attention products of two
+        # activations stay float.
+        fp32_weight_products = [
+            node.name
+            for node in graph.node
+            if node.op_type == "MatMul" and any(i in weights for i in node.input)
+        ]
+        assert "MatMulInteger" in ops and not fp32_weight_products, (name, fp32_weight_products)
+    int8 = OnnxEmbedder.load(str(out), threads=2)
+    assert (int8.runtime, int8.dtype, int8.model_id) == ("onnx", "int8", manifest["model_id"])
+    image_cos = min_cosine(int8.embed_images(images), demo_embedder.embed_images(images))
+    text_cos = min_cosine(int8.embed_texts(TEXTS).vectors, demo_embedder.embed_texts(TEXTS).vectors)
+    assert image_cos >= PARITY and text_cos >= PARITY
+    # The integer kernels really ran: close to fp32, not equal to it.
+    assert min(image_cos, text_cos) < 0.99999
+
+
+def test_onnx_load_checks_the_parity_probe(onnx_dir: Path, tmp_path: Path) -> None:
+    """Every load compares the export's vectors with the fp32 PyTorch vectors stored beside it,
+    so an export that drifts on the serving machine (other integer kernels) refuses to start."""
+    import shutil
+
+    from services.feature.onnx_runtime import PARITY_PROBE, OnnxEmbedder
+
+    drifted = tmp_path / "drifted"
+    shutil.copytree(onnx_dir, drifted)
+    with np.load(drifted / PARITY_PROBE) as saved:
+        probe = {key: saved[key] for key in saved.files}
+    # The stored vectors of two probe images swapped: as if this machine computed others.
+    probe["image_vectors"] = probe["image_vectors"][[1, 0, 2]]
+    np.savez(drifted / PARITY_PROBE, **probe)
+    with pytest.raises(ModelLoadError, match="differ from PyTorch"):
+        OnnxEmbedder.load(str(drifted), threads=1)
+    (drifted / PARITY_PROBE).unlink()
+    with pytest.raises(ModelLoadError, match="export it again"):
+        OnnxEmbedder.load(str(drifted), threads=1)
+
+
 def test_onnx_export_served(onnx_dir: Path, demo_model_dir: Path) -> None:
     # runtime auto recognises an export folder.
     settings = FeatureSettings(model=str(onnx_dir), device="cpu")
