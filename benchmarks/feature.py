@@ -417,12 +417,13 @@ async def _load(
     done = errors = 0
     last = 0.0
 
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection(host, int(port)), _REQUEST_TIMEOUT_S)
+
     async def worker(index: int) -> None:
         nonlocal done, errors, last
         k = offset + index * 7
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port)), _REQUEST_TIMEOUT_S
-        )
+        reader, writer = await connect()
         try:
             while time.time() < start_at + seconds:
                 key = k % len(payloads)
@@ -431,9 +432,16 @@ async def _load(
                     requests[key] = _http_request(f"{host}:{port}", modality, batch)
                 k += per_request
                 t0 = time.perf_counter()
-                status = await asyncio.wait_for(
-                    _exchange(reader, writer, requests[key]), _REQUEST_TIMEOUT_S
-                )
+                try:
+                    status = await asyncio.wait_for(
+                        _exchange(reader, writer, requests[key]), _REQUEST_TIMEOUT_S
+                    )
+                except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                    # A dropped connection is an error, then a new connection.
+                    errors += 1
+                    writer.close()
+                    reader, writer = await connect()
+                    continue
                 latency = time.perf_counter() - t0
                 if status == 200:
                     latencies.append(latency)

@@ -117,6 +117,8 @@ def test_onnx_int8_export_and_runtime(
             if node.op_type == "MatMul" and any(i in weights for i in node.input)
         ]
         assert "MatMulInteger" in ops and not fp32_weight_products, (name, fp32_weight_products)
+        # The ViT's patch embedding became an (integer) product too.
+        assert "Conv" not in ops
     int8 = OnnxEmbedder.load(str(out), threads=2)
     assert (int8.runtime, int8.dtype, int8.model_id) == ("onnx", "int8", manifest["model_id"])
     image_cos = min_cosine(int8.embed_images(images), demo_embedder.embed_images(images))
@@ -124,6 +126,46 @@ def test_onnx_int8_export_and_runtime(
     assert image_cos >= PARITY and text_cos >= PARITY
     # The integer kernels really ran: close to fp32, not equal to it.
     assert min(image_cos, text_cos) < 0.99999
+
+
+def test_patch_convolutions_become_products_with_the_same_output() -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from services.feature.export_onnx import _patch_convolutions_as_products
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 3, 4, 4)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            # A patch embedding (kernel = stride) and a padded convolution, which must stay.
+            helper.make_node("Conv", ["x", "w", "b"], ["patches"], strides=[4, 4]),
+            helper.make_node("Conv", ["x", "w"], ["padded"], strides=[4, 4], pads=[1, 1, 1, 1]),
+        ],
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 12])],
+        [
+            helper.make_tensor_value_info("patches", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("padded", TensorProto.FLOAT, None),
+        ],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 3, 16, 12)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})
+
+    expected = run(model)
+    assert _patch_convolutions_as_products(model) == 1
+    assert [n.op_type for n in model.graph.node].count("Conv") == 1
+    assert "MatMul" in [n.op_type for n in model.graph.node]
+    for got, want in zip(run(model), expected, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_export_keeps_a_tower_that_quantises_badly_in_fp32(
