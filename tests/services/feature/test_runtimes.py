@@ -133,7 +133,7 @@ def test_patch_convolutions_become_products_with_the_same_output() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from services.feature.export_onnx import _patch_convolutions_as_products
+    from services.feature.int8 import patch_convolutions_as_products
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((8, 3, 4, 4)).astype(np.float32)
@@ -160,7 +160,7 @@ def test_patch_convolutions_become_products_with_the_same_output() -> None:
         return session.run(None, {"x": x})
 
     expected = run(model)
-    assert _patch_convolutions_as_products(model) == 1
+    assert patch_convolutions_as_products(model) == 1
     assert [n.op_type for n in model.graph.node].count("Conv") == 1
     assert "MatMul" in [n.op_type for n in model.graph.node]
     for got, want in zip(run(model), expected, strict=True):
