@@ -247,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         help="int8: int8 weights for the matrix products of each tower that stays within parity",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing export")
-    parser.add_argument("--no-check", action="store_true", help="skip the parity check")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the final parity check (--quantize still checks each tower it quantises)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.out.exists() and any(args.out.iterdir()):

@@ -58,12 +58,12 @@ def patch_convolutions_as_products(model: onnx.ModelProto) -> int:
     nodes: list[Any] = []
     rewritten = 0
     for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         weight = weights.get(node.input[1]) if node.op_type == "Conv" else None
         shape = shapes.get(node.input[0], []) if weight is not None else []
         if weight is None or len(shape) != 4 or len(weight.dims) != 4:
             nodes.append(node)
             continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         out_channels, channels, kh, kw = weight.dims
         height, width = shape[2], shape[3]
         if (
