@@ -27,6 +27,20 @@ pytestmark = pytest.mark.anyio
 ISSUER, AUDIENCE = "crossmodal-auth", "crossmodal-gateway"
 
 
+class FromNow:
+    """A time claim relative to the moment the token is signed, so that parameters computed at
+    collection time stay in the future (or past) however long the suite takes to reach them."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    def at(self, now: int) -> int:
+        return now + self.seconds
+
+    def __repr__(self) -> str:
+        return f"now{self.seconds:+d}s"
+
+
 class KeyServer:
     def __init__(self) -> None:
         self.keys: dict[str, rsa.RSAPrivateKey] = {}
@@ -47,6 +61,8 @@ class KeyServer:
         return self.keys[kid]
 
     def sign(self, kid: str, **overrides: Any) -> str:
+        """A token signed with ``kid``; a claim given as ``FromNow(s)`` is made absolute here,
+        when the token is signed, not when the test module was collected."""
         now = int(time.time())
         claims = {
             "iss": ISSUER,
@@ -57,7 +73,7 @@ class KeyServer:
             "exp": now + 60,
             "jti": "j1",
         }
-        claims.update(overrides)
+        claims.update({k: v.at(now) if isinstance(v, FromNow) else v for k, v in overrides.items()})
         claims = {k: v for k, v in claims.items() if v is not None}
         return jwt.encode(claims, self.keys[kid], algorithm="RS256", headers={"kid": kid})
 
@@ -91,8 +107,8 @@ async def test_valid_token_gives_principal_and_scopes(server: KeyServer) -> None
 @pytest.mark.parametrize(
     ("overrides", "code"),
     [
-        ({"exp": int(time.time()) - 60}, "token_expired"),
-        ({"nbf": int(time.time()) + 600}, "invalid_token"),
+        ({"exp": FromNow(-60)}, "token_expired"),
+        ({"nbf": FromNow(+600)}, "invalid_token"),
         ({"aud": "someone-else"}, "invalid_token"),
         ({"iss": "evil"}, "invalid_token"),
         ({"sub": None}, "invalid_token"),
@@ -209,7 +225,7 @@ async def test_tokens_issued_before_a_subject_revocation_are_refused(server: Key
         {"jti": None},  # a token that could not be revoked by id is not accepted at all
         {"jti": 42},
         {"iat": None},
-        {"iat": int(time.time()) + 600},  # issued in the future: not yet valid
+        {"iat": FromNow(+600)},  # issued in the future: not yet valid
     ],
 )
 async def test_tokens_without_a_usable_jti_or_iat_are_refused(
