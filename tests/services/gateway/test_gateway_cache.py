@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -176,6 +177,15 @@ def _feature_stub(model_ids: list[str]) -> tuple[FastAPI, dict[str, int]]:
     return app, calls
 
 
+async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Poll ``condition`` on the running loop until it holds; fail after ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not condition():
+        assert loop.time() < deadline, f"not true after {seconds}s"
+        await asyncio.sleep(0.01)
+
+
 async def test_model_id_is_learned_and_refreshed_in_the_background() -> None:
     model_ids = ["m1"]
     app, calls = _feature_stub(model_ids)
@@ -183,15 +193,15 @@ async def test_model_id_is_learned_and_refreshed_in_the_background() -> None:
     clock = Clock()
     models = ModelIdCache(client, ttl=30, clock=clock)
     assert models.current() is None  # unknown: a refresh starts, the caller does not wait
-    await asyncio.sleep(0.05)
-    assert models.current() == "m1" and calls["model"] == 1
+    await _until(lambda: models.current() == "m1")  # no second refresh while one is out
+    assert calls["model"] == 1
     clock.now = 29
     assert models.current() == "m1" and calls["model"] == 1  # still trusted
     model_ids[0] = "m2"  # the feature service was restarted with another model
     clock.now = 31
     assert models.current() == "m1"  # stale: used once more while the refresh runs
-    await asyncio.sleep(0.05)
-    assert models.current() == "m2" and calls["model"] == 2
+    await _until(lambda: models.current() == "m2")
+    assert calls["model"] == 2
     models.learn("m3")  # any embedding answer teaches it too
     assert models.current() == "m3"
     await client.aclose()
