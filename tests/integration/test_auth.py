@@ -11,6 +11,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -138,29 +139,31 @@ def _hs256(claims: dict, secret: bytes, kid: str) -> str:
 # -- more attacks, signed with the real key --------------------------------------------------
 
 
-def _fresh_claims(token: str, **changes: object) -> dict:
+def _fresh_claims(token: str, changes: Callable[[int], dict] = lambda now: {}) -> dict:
+    """The token's claims re-timed to now, then ``changes(now)`` applied: a time in the future
+    is computed here, when the token is signed, not when the module was collected."""
     claims = _claims(token)
     now = int(time.time())
     claims.update(iat=now, nbf=now, exp=now + 600, jti=f"forged-{uuid.uuid4()}")
-    claims.update(changes)
+    claims.update(changes(now))
     return claims
 
 
 @pytest.mark.parametrize(
     "changes",
     [
-        {"aud": "someone-else"},
-        {"iss": "evil-auth"},
-        {"nbf": int(time.time()) + 3600},  # not yet valid
-        {"iat": int(time.time()) + 3600},  # issued in the future
+        lambda now: {"aud": "someone-else"},
+        lambda now: {"iss": "evil-auth"},
+        lambda now: {"nbf": now + 3600},  # not yet valid
+        lambda now: {"iat": now + 3600},  # issued in the future
     ],
     ids=["wrong-aud", "wrong-iss", "not-yet-valid", "future-iat"],
 )
 def test_validly_signed_but_wrongly_addressed_or_timed_tokens_are_401(
-    gateway: httpx.Client, stack: LocalStack, token: str, changes: dict
+    gateway: httpx.Client, stack: LocalStack, token: str, changes: Callable[[int], dict]
 ) -> None:
     kid = jwt.get_unverified_header(token)["kid"]
-    bad = _sign(stack, _fresh_claims(token, **changes), kid)
+    bad = _sign(stack, _fresh_claims(token, changes), kid)
     response = gateway.get("/items/999999999", headers={"Authorization": f"Bearer {bad}"})
     assert_problem(response, 401, "invalid_token")
     # The control: the same claims, correctly addressed and timed, are accepted (404: no item).
