@@ -180,16 +180,18 @@ def onnx_export(source: Path, quantize: str | None = None) -> Path:
     """The ONNX export of ``source`` (int8 weights with ``quantize="int8"``), made once (a
     subprocess keeps this one's memory small)."""
     from services.feature.model import ONNX_MANIFEST, default_model_id
-    from services.feature.onnx_runtime import PARITY_PROBE
+    from services.feature.onnx_runtime import tower_file
+    from services.feature.parity import PROBE_FILE
 
     out = source.with_name(source.name + "-onnx" + (f"-{quantize}" if quantize else ""))
     manifest = out / ONNX_MANIFEST
-    if (
-        manifest.is_file()
-        and (out / PARITY_PROBE).is_file()
-        and json.loads(manifest.read_text())["model_id"] == default_model_id(str(source))
-    ):
-        return out
+    if manifest.is_file() and (out / PROBE_FILE).is_file():
+        saved = json.loads(manifest.read_text())
+        if saved["model_id"] == default_model_id(str(source)) and all(
+            (out / tower_file(tower, weights)).is_file()
+            for tower, weights in saved["weights"].items()
+        ):
+            return out
     print(
         f"exporting {source} to ONNX{f' ({quantize})' if quantize else ''} (once)", file=sys.stderr
     )

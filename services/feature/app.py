@@ -80,9 +80,18 @@ class ModelInfo(BaseModel):
     image_size: int
     max_text_tokens: int
     device: str
-    dtype: str = Field(description="the compute dtype: float32, bfloat16 or float16")
+    dtype: str = Field(
+        description="the compute precision: float32, bfloat16, float16 or int8, or one per tower "
+        "where they differ, e.g. 'int8 (image), float32 (text)'"
+    )
     runtime: str = Field(description="torch, torch-bf16, torch-fp16 or onnx")
     architecture: str = Field(description="the model class, e.g. CLIPModel or SiglipModel")
+    fallbacks: dict[str, str] = Field(
+        default_factory=dict,
+        description="towers ('text', 'image') that run in float32 on this machine although the "
+        "runtime offers a lower precision, each with the reason (its vectors missed the parity "
+        "bound against float32)",
+    )
 
 
 def _overloaded(exc: Overloaded) -> ServiceUnavailable:
@@ -252,6 +261,7 @@ def create_app(
             dtype=model.dtype,
             runtime=model.runtime,
             architecture=model.architecture,
+            fallbacks=model.fallbacks,
         )
 
     return app

@@ -11,10 +11,10 @@ PyTorch's fp32 vectors for them), then loads the result with ONNX Runtime and ch
 those vectors: the export fails unless every vector has cosine >= 0.999 with PyTorch's. The
 runtime repeats that check at every load, on the machine that serves the export.
 
-``--quantize int8`` stores the weights of the matrix multiplications as int8 (per output
-channel) and quantises their inputs per batch at run time (ONNX Runtime's dynamic
-quantisation): on a CPU with AVX-512 VNNI a ViT-B/32 image pass costs about a third of fp32.
-Each tower keeps its int8 version only if the export still passes the parity probe.
+``--quantize int8`` adds ``text.int8.onnx`` and ``image.int8.onnx``: the weights of the matrix
+multiplications as int8 (see ``int8``), their inputs quantised per batch at run time. A tower
+keeps its int8 file only if it passes the parity probe here; the float32 files stay beside them,
+so a serving machine where an int8 tower misses the bound runs that tower in float32.
 
 Uses the TorchScript-based exporter (``dynamo=False``), which needs no extra package.
 """
@@ -31,34 +31,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers import AutoModel
 
 from services.feature.int8 import quantize_int8
 from services.feature.model import (
     ONNX_MANIFEST,
     ModelLoadError,
+    TransformersEmbedder,
     default_model_id,
     load_image_processor,
     load_tokenizer,
     pooled,
 )
-from services.feature.onnx_runtime import (
-    IMAGE_FILE,
-    PARITY_PROBE,
-    TEXT_FILE,
-    OnnxEmbedder,
-)
+from services.feature.onnx_runtime import OnnxEmbedder, tower_file
+from services.feature.parity import PROBE_FILE, TOWERS, Probe
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 QUANTIZATIONS = ("int8",)
 _SAMPLE_TEXTS = ["a photo", "a much longer sample text, so that the batch needs padding"]
-_PROBE_TEXTS = ["a red circle", "two dogs playing in the snow, seen from far away", "x"]
 
 
 class _Tower(torch.nn.Module):
@@ -117,7 +111,7 @@ def export(
         torch.onnx.export(
             _Tower(model, "get_text_features", text_names).eval(),
             tuple(sample[name] for name in text_names),
-            str(out / TEXT_FILE),
+            str(out / tower_file("text")),
             input_names=text_names,
             output_names=["text_embeds"],
             dynamic_axes={
@@ -130,7 +124,7 @@ def export(
         torch.onnx.export(
             _Tower(model, "get_image_features", ["pixel_values"]).eval(),
             (pixels,),
-            str(out / IMAGE_FILE),
+            str(out / tower_file("image")),
             input_names=["pixel_values"],
             output_names=["image_embeds"],
             dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
@@ -141,7 +135,11 @@ def export(
     tokenizer.save_pretrained(str(out))
     image_processor.save_pretrained(str(out))
     model.config.save_pretrained(str(out))
-    _write_probe(model, tokenizer, image_processor, out / PARITY_PROBE, padding, max_length)
+    # The reference vectors as the service computes them with PyTorch in float32.
+    reference = TransformersEmbedder(
+        model, tokenizer, image_processor, model_id="reference", device="cpu"
+    )
+    reference.embed_probe(Probe.inputs()).save(out / PROBE_FILE)
     manifest: dict[str, Any] = {
         "model_id": model_id or default_model_id(model_name),
         "source": model_name,
@@ -153,10 +151,18 @@ def export(
     }
     _write_manifest(out, manifest)
     if quantize == "int8":
-        _quantize_towers(out, manifest)
+        for tower in TOWERS:
+            quantize_int8(out / tower_file(tower), out / tower_file(tower, "int8"))
+            manifest["weights"][tower] = "int8"
+        _write_manifest(out, manifest)
     if check:
-        # Loading checks the parity probe and fails below the bound.
+        # Loading checks the parity probe tower by tower: below the bound an int8 tower falls
+        # back to float32 (then its int8 file is dropped), a float32 one fails the export.
         onnx = OnnxEmbedder.load(str(out), threads=torch.get_num_threads())
+        for tower, reason in onnx.fallbacks.items():
+            log.warning("the %s tower stays float32: %s", tower, reason)
+            (out / tower_file(tower, "int8")).unlink()
+            manifest["weights"][tower] = "float32"
         manifest["parity"] = onnx.parity
         _write_manifest(out, manifest)
     log.info("exported %s to %s in %.1fs", model_name, out, time.perf_counter() - started)
@@ -165,61 +171,6 @@ def export(
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     (out / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-
-def _quantize_towers(out: Path, manifest: dict[str, Any]) -> None:
-    """Quantise each tower in turn and keep its int8 version only if the export still passes
-    the parity probe: a trained tower with outlier activations (the demo's MiniLM text tower:
-    cosine 0.966) stays fp32 instead of serving worse vectors."""
-    for tower, name in (("text", TEXT_FILE), ("image", IMAGE_FILE)):
-        path = out / name
-        fp32 = path.with_suffix(".fp32.tmp")
-        path.replace(fp32)
-        quantize_int8(fp32, path)
-        manifest["weights"][tower] = "int8"
-        _write_manifest(out, manifest)
-        try:
-            OnnxEmbedder.load(str(out), threads=torch.get_num_threads())
-        except ModelLoadError as exc:
-            log.warning("the %s tower stays float32: %s", tower, exc)
-            fp32.replace(path)
-            manifest["weights"][tower] = "float32"
-            _write_manifest(out, manifest)
-        else:
-            fp32.unlink()
-
-
-def _write_probe(
-    model: Any,
-    tokenizer: Any,
-    image_processor: Any,
-    path: Path,
-    padding: str,
-    max_length: int,
-) -> None:
-    """A few texts and images (of several sizes) with fp32 PyTorch's vectors for them, as the
-    service would compute them: what every load of the export is checked against."""
-    rng = np.random.default_rng(0)
-    images = [
-        rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        for h, w in ((240, 320), (300, 200), (64, 64))
-    ]
-    encoded = tokenizer(
-        _PROBE_TEXTS, padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    pixels = image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")
-    with torch.inference_mode():
-        text_vectors = F.normalize(pooled(model.get_text_features(**encoded)).float(), dim=-1)
-        image_vectors = F.normalize(
-            pooled(model.get_image_features(pixel_values=pixels["pixel_values"])).float(), dim=-1
-        )
-    np.savez(
-        path,
-        texts=np.array(_PROBE_TEXTS),
-        text_vectors=text_vectors.numpy(),
-        image_vectors=image_vectors.numpy(),
-        **{f"image_{i}": image for i, image in enumerate(images)},
-    )
 
 
 def _max_length(model: Any, tokenizer: Any) -> int:
@@ -250,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-check",
         action="store_true",
-        help="skip the final parity check (--quantize still checks each tower it quantises)",
+        help="skip the parity check here (the service still checks each tower at every load)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

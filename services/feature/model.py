@@ -4,7 +4,8 @@ loaded through the Auto classes, and run by one of several runtimes:
 
 - ``torch``: PyTorch in float32 (CPU or CUDA);
 - ``torch-bf16``: bfloat16 autocast on CPUs that support it (matmuls in bf16, norms and
-  softmax in fp32), bfloat16 weights on CUDA;
+  softmax in fp32; a tower whose vectors miss the parity bound against float32 at load runs
+  without it), bfloat16 weights on CUDA;
 - ``torch-fp16``: float16 weights, CUDA only;
 - ``onnx``: ONNX Runtime over a folder written by ``python -m services.feature.export_onnx``
   (see ``onnx_runtime``).
@@ -16,6 +17,7 @@ model's context are truncated, and reported as such.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -32,6 +34,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from services.feature.parity import PARITY, TOWERS, Probe, fallback_reason, min_cosine
 from services.feature.preprocess import (
     DeviceJpegDecoder,
     FastPipeline,
@@ -87,6 +90,8 @@ class Embedder(Protocol):
     dtype: str
     runtime: str
     architecture: str
+    #: Towers running in float32 where the runtime offers less, with the reason.
+    fallbacks: dict[str, str]
     ready: bool
     #: Whether ``embed_prepared`` accepts ``EncodedJpeg`` (decoding on the device).
     decodes_jpeg: bool
@@ -126,11 +131,16 @@ def is_onnx_export(path: str | Path) -> bool:
 
 
 def resolve_runtime(runtime: str, device: str, model: str) -> str:
-    """The concrete runtime for a setting (``auto`` included) on a resolved device."""
+    """The concrete runtime for a setting (``auto`` included) on a resolved device. ``auto``
+    takes the fastest runtime this processor runs natively: an ONNX export as it is (its int8
+    towers where they keep parity), fp16 on CUDA, bf16 autocast on a CPU with native bfloat16
+    (AVX512-BF16 or AMX; each tower still checked against float32 at load), else float32."""
     if runtime == "auto":
         if is_onnx_export(model):
             return "onnx"
-        return "torch-fp16" if device == "cuda" else "torch"
+        if device == "cuda":
+            return "torch-fp16"
+        return "torch-bf16" if cpu_supports_bf16() else "torch"
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "torch-fp16" and device != "cuda":
@@ -198,7 +208,7 @@ class BaseEmbedder:
         config: Any,
         model_id: str,
         device: str,
-        dtype: str,
+        precisions: dict[str, str],
         batch_size: int = 64,
         jpeg_draft: bool = True,
     ) -> None:
@@ -206,7 +216,12 @@ class BaseEmbedder:
         self.image_processor = image_processor
         self.model_id = model_id
         self.device = device
-        self.dtype = dtype
+        # Per tower ("text", "image"): the compute precision, e.g. float32, bfloat16, int8.
+        self.precisions = dict(precisions)
+        # Towers moved to float32 because their lower precision missed the parity bound here.
+        self.fallbacks: dict[str, str] = {}
+        # Each tower's minimum cosine against float32 on the parity probe, where checked.
+        self.parity: dict[str, float] = {}
         self.batch_size = batch_size
         self.architecture = _architecture(config)
         self.max_text_tokens = _max_text_tokens(config, tokenizer)
@@ -230,6 +245,31 @@ class BaseEmbedder:
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> str:
+        """``int8`` when both towers agree, else e.g. ``int8 (image), float32 (text)``."""
+        kinds = set(self.precisions.values())
+        if len(kinds) == 1:
+            return kinds.pop()
+        return ", ".join(f"{kind} ({tower})" for tower, kind in sorted(self.precisions.items()))
+
+    def set_precision(self, tower: str, precision: str, reason: str) -> None:
+        self.precisions[tower] = precision
+        self.fallbacks[tower] = reason
+
+    def embed_probe(self, probe: Probe) -> Probe:
+        """``probe`` with this embedder's vectors as its reference."""
+        return dataclasses.replace(
+            probe,
+            text_vectors=self.embed_texts(probe.texts).vectors,
+            image_vectors=self.embed_images(probe.pil_images()),
+        )
+
+    def probe_cosines(self, probe: Probe) -> dict[str, float]:
+        """Each tower's minimum cosine against the probe's reference vectors."""
+        ours = self.embed_probe(probe)
+        return {tower: min_cosine(ours.vectors(tower), probe.vectors(tower)) for tower in TOWERS}
 
     def warm_up(self) -> None:
         """Passes of one and two inputs per modality: allocates buffers and kernels, fixes
@@ -299,6 +339,7 @@ class BaseEmbedder:
             "dtype": self.dtype,
             "runtime": self.runtime,
             "architecture": self.architecture,
+            "fallbacks": dict(self.fallbacks),
         }
 
 
@@ -321,8 +362,11 @@ class TransformersEmbedder(BaseEmbedder):
         self.model = model
         self.runtime = runtime
         weights = next(model.parameters()).dtype
-        # CPU bf16 keeps fp32 weights and lets autocast pick bf16 per operation.
-        self._autocast = runtime == "torch-bf16" and device == "cpu"
+        # CPU bf16 keeps fp32 weights and lets autocast pick bf16 per operation, tower by tower
+        # (a tower whose bf16 vectors miss the parity bound runs without it).
+        self._autocast: set[str] = (
+            set(TOWERS) if runtime == "torch-bf16" and device == "cpu" else set()
+        )
         compute = torch.bfloat16 if self._autocast else weights
         self._input_dtype: torch.dtype = weights
         super().__init__(
@@ -331,7 +375,7 @@ class TransformersEmbedder(BaseEmbedder):
             config=model.config,
             model_id=model_id,
             device=device,
-            dtype=str(compute).removeprefix("torch."),
+            precisions=dict.fromkeys(TOWERS, str(compute).removeprefix("torch.")),
             batch_size=batch_size,
             jpeg_draft=jpeg_draft,
         )
@@ -351,14 +395,16 @@ class TransformersEmbedder(BaseEmbedder):
         *,
         model_id: str | None = None,
         device: str = "auto",
-        runtime: str = "auto",
+        runtime: str = "torch",
         torch_threads: int | None = None,
         batch_size: int = 64,
         jpeg_draft: bool = True,
         gpu_decode: bool = True,
     ) -> TransformersEmbedder:
         """Load ``name`` (hub id or local folder) and warm it up. Blocking: call it from a
-        thread in async code."""
+        thread in async code. Float32 unless ``runtime`` says otherwise, so that evaluations
+        and tests compute the same vectors on every processor; the service passes its
+        setting (``auto`` by default) through ``load_embedder``."""
         started = time.perf_counter()
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -402,6 +448,8 @@ class TransformersEmbedder(BaseEmbedder):
             gpu_decode=gpu_decode,
         )
         embedder.warm_up()
+        if embedder._autocast:
+            embedder.check_autocast()
         log.info(
             "loaded %s (%s) on %s, runtime %s (%s), dim %d, in %.1fs",
             embedder.model_id,
@@ -414,10 +462,25 @@ class TransformersEmbedder(BaseEmbedder):
         )
         return embedder
 
+    def check_autocast(self) -> None:
+        """Keep bf16 autocast only for the towers whose vectors stay within the parity bound
+        of this model's own float32 vectors, on the probe, on this processor."""
+        autocast, self._autocast = self._autocast, set()
+        reference = self.embed_probe(Probe.inputs())
+        self._autocast = autocast
+        self.parity = self.probe_cosines(reference)
+        for tower, cosine in self.parity.items():
+            if cosine < PARITY:
+                reason = fallback_reason("bfloat16", cosine)
+                log.warning("the %s tower runs in float32: %s", tower, reason)
+                self._autocast.discard(tower)
+                self.set_precision(tower, "float32", reason)
+                self.parity[tower] = 1.0
+
     @contextlib.contextmanager
-    def _inference(self) -> Iterator[None]:
+    def _inference(self, tower: str) -> Iterator[None]:
         with torch.inference_mode():
-            if self._autocast:
+            if tower in self._autocast:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     yield
             else:
@@ -425,7 +488,7 @@ class TransformersEmbedder(BaseEmbedder):
 
     def _text_forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in encoded.items()}
-        with self._inference():
+        with self._inference("text"):
             return _normalised(pooled(self.model.get_text_features(**inputs)))
 
     def _image_forward(self, images: Sequence[PreparedImage]) -> list[np.ndarray | Exception]:
@@ -438,7 +501,7 @@ class TransformersEmbedder(BaseEmbedder):
             arrays.extend(on_cpu)
             for i, exc in failures:
                 rows[i] = exc
-        with self._inference():
+        with self._inference("image"):
             if arrays:
                 pixels = self.pipeline.to_tensor(
                     [x for _, x in arrays], self.device, self._input_dtype

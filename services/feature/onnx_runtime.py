@@ -1,14 +1,16 @@
 """The ``onnx`` runtime: ONNX Runtime over a folder written by ``export_onnx``.
 
 The folder holds ``text.onnx`` and ``image.onnx`` (each tower with its projection and the L2
-normalisation, so a session's output is the final vector; fp32 or int8 weights), the tokenizer,
-the image processor, the model's ``config.json``, ``parity_probe.npz`` and ``feature_onnx.json``,
-which records the source model's id: the vectors are the same model's (cosine >= 0.999 against
-PyTorch), so they carry the same id and can be searched against a collection built with PyTorch.
+normalisation, so a session's output is the final vector; float32 weights), for an int8 export
+``text.int8.onnx`` and/or ``image.int8.onnx`` beside them, the tokenizer, the image processor, the
+model's ``config.json``, ``parity_probe.npz`` and ``feature_onnx.json``, which records the source
+model's id: the vectors are the same model's (cosine >= 0.999 against PyTorch), so they carry the
+same id and can be searched against a collection built with PyTorch.
 
-That bound is checked at every load, on the serving machine, against the probe's fp32 PyTorch
-vectors: integer kernels differ between processors (AVX-512 VNNI, AVX2, ARM), so an export that
-passed where it was written is not taken on trust elsewhere.
+That bound is checked at every load, tower by tower, on the serving machine, against the probe's
+float32 PyTorch vectors (``parity``). An int8 tower that misses it there runs from its float32
+file instead, with a warning and the reason in ``/model``; a float32 tower that misses it stops
+the load.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from transformers import AutoConfig
 
 from services.feature.model import (
@@ -34,14 +35,20 @@ from services.feature.model import (
     load_tokenizer,
     resolve_device,
 )
+from services.feature.parity import (
+    PARITY,
+    PROBE_FILE,
+    TOWERS,
+    Probe,
+    fallback_reason,
+)
 
 log = logging.getLogger(__name__)
 
-TEXT_FILE = "text.onnx"
-IMAGE_FILE = "image.onnx"
-PARITY_PROBE = "parity_probe.npz"
-# Minimum cosine with fp32 PyTorch's vector for the same input.
-PARITY = 0.999
+
+def tower_file(tower: str, weights: str = "float32") -> str:
+    """``text.onnx`` / ``image.onnx`` (float32), ``text.int8.onnx`` / ``image.int8.onnx``."""
+    return f"{tower}.onnx" if weights == "float32" else f"{tower}.{weights}.onnx"
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -76,15 +83,14 @@ class OnnxEmbedder(BaseEmbedder):
 
     def __init__(
         self,
-        text_session: Any,
-        image_session: Any,
+        sessions: dict[str, Any],
         *,
         tokenizer: Any,
         image_processor: Any,
         config: Any,
         model_id: str,
         device: str,
-        weights: str = "float32",
+        weights: dict[str, str],
         batch_size: int = 64,
         jpeg_draft: bool = True,
     ) -> None:
@@ -94,16 +100,14 @@ class OnnxEmbedder(BaseEmbedder):
             config=config,
             model_id=model_id,
             device=device,
-            dtype=weights,
+            precisions=weights,
             batch_size=batch_size,
             jpeg_draft=jpeg_draft,
         )
-        self._text = text_session
-        self._image = image_session
+        self._sessions = sessions
         # The exporter drops inputs a graph does not use (token_type_ids, often).
-        self._text_inputs = {i.name for i in text_session.get_inputs()}
-        self._image_input = image_session.get_inputs()[0].name
-        self.parity: dict[str, float] = {}
+        self._text_inputs = {i.name for i in sessions["text"].get_inputs()}
+        self._image_input = sessions["image"].get_inputs()[0].name
 
     @classmethod
     def load(
@@ -116,7 +120,7 @@ class OnnxEmbedder(BaseEmbedder):
         batch_size: int = 64,
         jpeg_draft: bool = True,
     ) -> OnnxEmbedder:
-        """Load an export folder and warm it up. Blocking."""
+        """Load an export folder, warm it up and check each tower's parity. Blocking."""
         started = time.perf_counter()
         try:
             import onnxruntime  # noqa: F401
@@ -124,31 +128,55 @@ class OnnxEmbedder(BaseEmbedder):
             raise ModelLoadError("runtime 'onnx' needs the onnxruntime package") from exc
         folder = Path(path)
         manifest = read_manifest(folder)
+        weights = {
+            tower: str(manifest.get("weights", {}).get(tower, "float32")) for tower in TOWERS
+        }
         device = resolve_device(device)
+        probe = _read_probe(folder / PROBE_FILE)
+        for tower, kind in weights.items():
+            if not (folder / tower_file(tower, kind)).is_file():
+                raise ModelLoadError(
+                    f"{path} has no {tower_file(tower, kind)} (an export of an earlier version): "
+                    "export it again with python -m services.feature.export_onnx"
+                )
         try:
             config = AutoConfig.from_pretrained(str(folder))
             tokenizer = load_tokenizer(str(folder))
             image_processor = load_image_processor(str(folder))
-            text = _session(folder / TEXT_FILE, device, threads)
-            image = _session(folder / IMAGE_FILE, device, threads)
+            sessions = {
+                tower: _session(folder / tower_file(tower, kind), device, threads)
+                for tower, kind in weights.items()
+            }
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"cannot load the ONNX export {path!r}: {exc}") from exc
         embedder = cls(
-            text,
-            image,
+            sessions,
             tokenizer=tokenizer,
             image_processor=image_processor,
             config=config,
             model_id=model_id or str(manifest["model_id"]),
             device=device,
-            weights=_describe_weights(manifest.get("weights", {})),
+            weights=weights,
             batch_size=batch_size,
             jpeg_draft=jpeg_draft,
         )
         embedder.warm_up()
-        embedder.parity = check_parity(embedder, folder / PARITY_PROBE)
+        cosines = embedder.probe_cosines(probe)
+        for tower, cosine in cosines.items():
+            if cosine >= PARITY or weights[tower] == "float32":
+                continue
+            reason = fallback_reason(weights[tower], cosine)
+            log.warning("the %s tower runs in float32: %s", tower, reason)
+            embedder.fall_back(tower, _session(folder / tower_file(tower), device, threads), reason)
+            cosines[tower] = embedder.probe_cosines(probe)[tower]
+        if min(cosines.values()) < PARITY:
+            raise ModelLoadError(
+                f"the ONNX export's vectors differ from PyTorch's on this machine: {cosines} "
+                f"(minimum cosine {PARITY})"
+            )
+        embedder.parity = cosines
         log.info(
             "loaded ONNX export of %s (%s weights) on %s, dim %d, parity %s, in %.1fs",
             embedder.model_id,
@@ -160,11 +188,17 @@ class OnnxEmbedder(BaseEmbedder):
         )
         return embedder
 
+    def fall_back(self, tower: str, session: Any, reason: str) -> None:
+        """Serve ``tower`` from its float32 graph from now on."""
+        with self._lock:
+            self._sessions[tower] = session
+            self.set_precision(tower, "float32", reason)
+
     def _text_forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         feed = {
             k: v.astype(np.int64, copy=False) for k, v in encoded.items() if k in self._text_inputs
         }
-        (vectors,) = self._text.run(None, feed)
+        (vectors,) = self._sessions["text"].run(None, feed)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _image_forward(self, images: Sequence[PreparedImage]) -> list[np.ndarray | Exception]:
@@ -172,47 +206,20 @@ class OnnxEmbedder(BaseEmbedder):
         if len(arrays) != len(images):
             raise TypeError("the onnx runtime takes decoded images only")
         pixels = self.pipeline.to_tensor(arrays, "cpu", _float32()).numpy()
-        (vectors,) = self._image.run(None, {self._image_input: pixels})
+        (vectors,) = self._sessions["image"].run(None, {self._image_input: pixels})
         return list(np.ascontiguousarray(vectors, dtype=np.float32))
 
 
-def _describe_weights(weights: dict[str, str]) -> str:
-    """``int8`` or ``float32`` when both towers agree, else e.g. ``int8 (image), float32 (text)``."""
-    kinds = set(weights.values()) or {"float32"}
-    if len(kinds) == 1:
-        return kinds.pop()
-    return ", ".join(f"{kind} ({tower})" for tower, kind in sorted(weights.items()))
-
-
-def check_parity(embedder: BaseEmbedder, probe: Path) -> dict[str, float]:
-    """Minimum cosine between ``embedder``'s vectors and the probe's fp32 PyTorch vectors for
-    the same texts and images; raises ``ModelLoadError`` below ``PARITY``."""
-    if not probe.is_file():
+def _read_probe(path: Path) -> Probe:
+    if not path.is_file():
         raise ModelLoadError(
-            f"{probe.parent} has no {probe.name} (an export of an earlier version): export it "
+            f"{path.parent} has no {path.name} (an export of an earlier version): export it "
             "again with python -m services.feature.export_onnx"
         )
     try:
-        with np.load(probe) as saved:
-            data = {key: saved[key] for key in saved.files}
-        texts = [str(t) for t in data["texts"]]
-        images = [Image.fromarray(data[f"image_{i}"]) for i in range(len(data["image_vectors"]))]
+        return Probe.load(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"the export's parity probe {probe} is unreadable: {exc}") from exc
-    result = {
-        "text_min_cosine": float(
-            np.min(np.sum(embedder.embed_texts(texts).vectors * data["text_vectors"], axis=1))
-        ),
-        "image_min_cosine": float(
-            np.min(np.sum(embedder.embed_images(images) * data["image_vectors"], axis=1))
-        ),
-    }
-    if min(result.values()) < PARITY:
-        raise ModelLoadError(
-            f"the ONNX export's vectors differ from PyTorch's on this machine: {result} "
-            f"(minimum cosine {PARITY})"
-        )
-    return result
+        raise ModelLoadError(f"the export's parity probe {path} is unreadable: {exc}") from exc
 
 
 def _float32() -> Any:

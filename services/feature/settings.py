@@ -23,7 +23,8 @@ class FeatureSettings(ServiceSettings):
     # ONNX export keeps its source's id).
     model_id: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: onnx for an ONNX export, else torch-fp16 on CUDA and torch (fp32) on a CPU.
+    # auto: onnx for an ONNX export, else torch-fp16 on CUDA, torch-bf16 on a CPU with native
+    # bfloat16 (AVX512-BF16, AMX) and torch (fp32) on any other CPU.
     runtime: Literal["auto", "torch", "torch-bf16", "torch-fp16", "onnx"] = "auto"
     # Threads of one forward pass (PyTorch intra-op, or ONNX Runtime's); several services share
     # the cores of a small machine.

@@ -50,6 +50,9 @@ def running_stack(
         extra_env={
             "GATEWAY_CACHE_PREFIX": f"test-{uuid.uuid4().hex[:12]}",
             "FEATURE_TORCH_THREADS": "1",
+            # float32 on every processor (auto picks bf16 where the CPU has it natively): the
+            # suite's rankings and scores must not depend on the machine it runs on.
+            "FEATURE_RUNTIME": "torch",
             **(extra_env or {}),
         },
     )

@@ -30,8 +30,9 @@ from services.feature.settings import FeatureSettings
 
 
 def load(model_dir: Path) -> BaseEmbedder:
-    # The lifespan's own loader, with the settings' values.
-    settings = FeatureSettings(model=str(model_dir), device="cpu")
+    # The lifespan's own loader, with the settings' values; float32, which the tests below
+    # compare with the model's own outputs, whatever this processor's native precisions.
+    settings = FeatureSettings(model=str(model_dir), device="cpu", runtime="torch")
     return load_embedder(settings.model, device=settings.device, runtime=settings.runtime)
 
 

@@ -57,13 +57,36 @@ def test_bf16_autocast_on_cpu(
             TransformersEmbedder.load(str(demo_model_dir), device="cpu", runtime="torch-bf16")
         pytest.skip("this CPU has no native bfloat16")
     bf16 = TransformersEmbedder.load(str(demo_model_dir), device="cpu", runtime="torch-bf16")
-    assert (bf16.runtime, bf16.dtype) == ("torch-bf16", "bfloat16")
+    assert (bf16.runtime, bf16.dtype, bf16.fallbacks) == ("torch-bf16", "bfloat16", {})
+    assert min(bf16.parity.values()) >= PARITY
     assert bf16.model_id == default_model_id(str(demo_model_dir))
     image_cos = min_cosine(bf16.embed_images(images), demo_embedder.embed_images(images))
     text_cos = min_cosine(bf16.embed_texts(TEXTS).vectors, demo_embedder.embed_texts(TEXTS).vectors)
     assert image_cos >= PARITY and text_cos >= PARITY
     # Autocast really ran in bf16: the vectors are close, not identical.
     assert min(image_cos, text_cos) < 0.9999999
+
+
+def test_a_bf16_tower_that_misses_the_bound_runs_in_float32(
+    demo_embedder: TransformersEmbedder,
+    demo_model_dir: Path,
+    images: list,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The decision at load, with the outcome forced (a bound no bf16 vector can reach, and
+    native bfloat16 assumed so that it runs on any processor): both towers run without
+    autocast, give float32's vectors and say why."""
+    import services.feature.model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(model_module, "PARITY", 1.0)
+    bf16 = TransformersEmbedder.load(str(demo_model_dir), device="cpu", runtime="torch-bf16")
+    assert (bf16.runtime, bf16.dtype) == ("torch-bf16", "float32")
+    assert sorted(bf16.fallbacks) == ["image", "text"]
+    assert all("bfloat16 vectors reach cosine" in r for r in bf16.fallbacks.values())
+    assert min_cosine(bf16.embed_images(images), demo_embedder.embed_images(images)) > 0.99999
+    text = bf16.embed_texts(TEXTS).vectors
+    assert min_cosine(text, demo_embedder.embed_texts(TEXTS).vectors) > 0.99999
 
 
 def test_onnx_export_and_runtime(
@@ -96,8 +119,9 @@ def test_onnx_int8_export_and_runtime(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     import onnx
+    from onnx import numpy_helper
 
-    from services.feature.onnx_runtime import IMAGE_FILE, TEXT_FILE, OnnxEmbedder
+    from services.feature.onnx_runtime import OnnxEmbedder, tower_file
 
     out = tmp_path_factory.mktemp("onnx-int8") / "export"
     args = ["--model", str(demo_model_dir), "--out", str(out), "--quantize", "int8"]
@@ -105,9 +129,9 @@ def test_onnx_int8_export_and_runtime(
     manifest = json.loads((out / ONNX_MANIFEST).read_text())
     assert manifest["weights"] == {"text": "int8", "image": "int8"}
     assert min(manifest["parity"].values()) >= PARITY
-    for name in (TEXT_FILE, IMAGE_FILE):
-        graph = onnx.load(str(out / name)).graph
-        weights = {w.name for w in graph.initializer}
+    for tower in ("text", "image"):
+        graph = onnx.load(str(out / tower_file(tower, "int8"))).graph
+        weights = {w.name: w for w in graph.initializer}
         ops = [node.op_type for node in graph.node]
         # Every product with a weight matrix is an integer one; the attention products of two
         # activations stay float.
@@ -116,11 +140,22 @@ def test_onnx_int8_export_and_runtime(
             for node in graph.node
             if node.op_type == "MatMul" and any(i in weights for i in node.input)
         ]
-        assert "MatMulInteger" in ops and not fp32_weight_products, (name, fp32_weight_products)
+        assert "MatMulInteger" in ops and not fp32_weight_products, (tower, fp32_weight_products)
         # The ViT's patch embedding became an (integer) product too.
         assert "Conv" not in ops
+        # 7-bit weights (|w| <= 64): the AVX2 kernel's 16-bit sums of two products stay
+        # within 2 * 255 * 64 = 32,640, so every x86 processor computes the same integers.
+        for node in graph.node:
+            if node.op_type == "MatMulInteger":
+                quantised = numpy_helper.to_array(weights[node.input[1]])
+                assert quantised.dtype == np.int8
+                assert np.abs(quantised.astype(np.int16)).max() <= 64, node.name
+        # The float32 graph stays beside it, for a processor where int8 misses the bound.
+        float32_ops = {n.op_type for n in onnx.load(str(out / tower_file(tower))).graph.node}
+        assert "MatMulInteger" not in float32_ops
     int8 = OnnxEmbedder.load(str(out), threads=2)
     assert (int8.runtime, int8.dtype, int8.model_id) == ("onnx", "int8", manifest["model_id"])
+    assert int8.fallbacks == {}
     image_cos = min_cosine(int8.embed_images(images), demo_embedder.embed_images(images))
     text_cos = min_cosine(int8.embed_texts(TEXTS).vectors, demo_embedder.embed_texts(TEXTS).vectors)
     assert image_cos >= PARITY and text_cos >= PARITY
@@ -179,9 +214,48 @@ def test_int8_export_keeps_a_tower_that_quantises_badly_in_fp32(
     manifest = export(str(dual_encoder_model_dir), tmp_path / "onnx", quantize="int8")
     assert manifest["weights"] == {"text": "float32", "image": "int8"}
     assert min(manifest["parity"].values()) >= PARITY
-    assert not list((tmp_path / "onnx").glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "onnx").glob("*.onnx")) == [
+        "image.int8.onnx",
+        "image.onnx",
+        "text.onnx",
+    ]
     onnx = OnnxEmbedder.load(str(tmp_path / "onnx"), threads=1)
     assert onnx.dtype == "int8 (image), float32 (text)"
+    assert onnx.fallbacks == {}
+
+
+def test_an_int8_tower_that_misses_the_bound_where_it_is_served_runs_in_float32(
+    dual_encoder_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The decision at load, with the outcome forced: the MiniLM text tower quantised by hand
+    and offered as int8, as an export made on another machine might. The service starts, runs
+    that tower from its float32 graph, says so in the log and in /model, and keeps the image
+    tower in int8."""
+    import logging
+
+    from services.feature.export_onnx import export
+    from services.feature.int8 import quantize_int8
+    from services.feature.onnx_runtime import OnnxEmbedder, tower_file
+
+    out = tmp_path / "onnx"
+    manifest = export(str(dual_encoder_model_dir), out, quantize="int8")
+    quantize_int8(out / tower_file("text"), out / tower_file("text", "int8"))
+    manifest["weights"]["text"] = "int8"
+    (out / ONNX_MANIFEST).write_text(json.dumps(manifest))
+
+    with caplog.at_level(logging.WARNING, logger="services.feature.onnx_runtime"):
+        onnx = OnnxEmbedder.load(str(out), threads=1)
+    assert onnx.dtype == "int8 (image), float32 (text)"
+    assert list(onnx.fallbacks) == ["text"]
+    assert "int8 vectors reach cosine 0.9" in onnx.fallbacks["text"]
+    assert "below the bound 0.999" in onnx.fallbacks["text"]
+    assert any("text tower runs in float32" in r.getMessage() for r in caplog.records)
+    assert min(onnx.parity.values()) >= PARITY
+
+    with TestClient(create_app(FeatureSettings(model=str(out), device="cpu"))) as client:
+        info = client.get("/model").json()
+    assert info["dtype"] == "int8 (image), float32 (text)"
+    assert info["fallbacks"] == onnx.fallbacks
 
 
 def test_onnx_load_checks_the_parity_probe(onnx_dir: Path, tmp_path: Path) -> None:
@@ -189,18 +263,19 @@ def test_onnx_load_checks_the_parity_probe(onnx_dir: Path, tmp_path: Path) -> No
     so an export that drifts on the serving machine (other integer kernels) refuses to start."""
     import shutil
 
-    from services.feature.onnx_runtime import PARITY_PROBE, OnnxEmbedder
+    from services.feature.onnx_runtime import OnnxEmbedder
+    from services.feature.parity import PROBE_FILE
 
     drifted = tmp_path / "drifted"
     shutil.copytree(onnx_dir, drifted)
-    with np.load(drifted / PARITY_PROBE) as saved:
+    with np.load(drifted / PROBE_FILE) as saved:
         probe = {key: saved[key] for key in saved.files}
     # The stored vectors of two probe images swapped: as if this machine computed others.
     probe["image_vectors"] = probe["image_vectors"][[1, 0, 2]]
-    np.savez(drifted / PARITY_PROBE, **probe)
+    np.savez(drifted / PROBE_FILE, **probe)
     with pytest.raises(ModelLoadError, match="differ from PyTorch"):
         OnnxEmbedder.load(str(drifted), threads=1)
-    (drifted / PARITY_PROBE).unlink()
+    (drifted / PROBE_FILE).unlink()
     with pytest.raises(ModelLoadError, match="export it again"):
         OnnxEmbedder.load(str(drifted), threads=1)
 
@@ -224,9 +299,20 @@ def test_export_refuses_to_overwrite_other_folders(tmp_path: Path, demo_model_di
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
-def test_runtime_resolution(demo_model_dir: Path, onnx_dir: Path) -> None:
+def test_runtime_resolution(
+    demo_model_dir: Path, onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.feature.model as model_module
+
     model = str(demo_model_dir)
+    # auto on a CPU: bf16 autocast where the processor has native bfloat16, else float32;
+    # both outcomes forced, whatever this machine's processor.
+    monkeypatch.setattr(model_module, "cpu_supports_bf16", lambda: True)
+    assert resolve_runtime("auto", "cpu", model) == "torch-bf16"
+    monkeypatch.setattr(model_module, "cpu_supports_bf16", lambda: False)
     assert resolve_runtime("auto", "cpu", model) == "torch"
+    with pytest.raises(ModelLoadError, match="bfloat16 support"):
+        resolve_runtime("torch-bf16", "cpu", model)
     assert resolve_runtime("auto", "cuda", model) == "torch-fp16"
     assert resolve_runtime("auto", "cpu", str(onnx_dir)) == "onnx"
     with pytest.raises(ModelLoadError, match="needs CUDA"):
