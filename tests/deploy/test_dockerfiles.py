@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -118,14 +119,64 @@ def test_builder_installs_torch_from_a_configurable_index(service) -> None:
     args = dict(arg.partition("=")[::2] for arg in builder.all("ARG"))
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     runs = " ".join(builder.all("RUN"))
-    assert 'pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"' in runs
-    assert 'pip install --no-deps "$OPEN_CLIP_SPEC"' in runs
+    assert (
+        'pip install -c constraints.txt --no-deps --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"'
+        in runs
+    )
+    assert 'pip install -c constraints.txt --no-deps "$OPEN_CLIP_SPEC"' in runs
     # The same pins as the Makefile, so the images run what `make test` tested.
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     for name in ("TORCH_SPEC", "OPEN_CLIP_SPEC"):
         pinned = re.search(rf"^{name} \?= (\S+)$", makefile, re.MULTILINE)
         assert pinned, f"{name} not in the Makefile"
         assert args[name] == pinned.group(1), name
+
+
+def _pip_installs(run: str) -> list[list[str]]:
+    """The argument lists of the `pip install` commands in one RUN instruction."""
+    _, command = _flags(run)  # --mount=...
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [
+        argv
+        for argv in commands
+        if any(a.rsplit("/")[-1] == "pip" and b == "install" for a, b in itertools.pairwise(argv))
+    ]
+
+
+def _constraint_file(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--constraint") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--constraint="):
+            return arg.partition("=")[2]
+    return None
+
+
+def test_every_pip_install_takes_the_versions_from_the_lock(service) -> None:
+    # constraints.txt pins what `make install` installs (`make lock`); the images must run the
+    # same versions, so no install may resolve on its own.
+    _, stages = service
+    builder = stages[0]
+    installs = [argv for run in builder.all("RUN") for argv in _pip_installs(run)]
+    assert len(installs) >= 5, installs
+    for argv in installs:
+        assert _constraint_file(argv) == "constraints.txt", " ".join(argv)
+    # The lock reaches the working directory before the first install.
+    copied = False
+    for keyword, args in builder.instructions:
+        if keyword == "COPY":
+            *sources, target = _flags(args)[1].split()
+            copied = copied or ("constraints.txt" in sources and target == "./")
+        if keyword == "RUN" and _pip_installs(args):
+            assert copied, "pip install before COPY constraints.txt"
+            break
 
 
 def test_runtime_has_no_build_tools(service) -> None:
