@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 LOCK_VENV := var/lock-venv
 
-.PHONY: install lock run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m gpu-wheels
+.PHONY: install lock run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m bench-e2e gpu-wheels
 RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1.5.9 lancedb==0.40.0
 
 # The install steps, shared by `install` (with $(2) = -c constraints.txt) and `lock` (without).
@@ -100,6 +100,12 @@ bench-feature: install
 bench-retrieval: install
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) $(RETRIEVAL_PEERS)
 	$(PY) benchmarks/retrieval.py
+
+# Search through the gateway vs one process (docs/benchmarks.md). The full run builds two 1M
+# collections once (var/bench/e2e/) and takes about 50 min on 2 cores; BENCH_E2E_ARGS=--quick
+# for a smoke run of a couple of minutes. Results: var/bench/e2e/results.{json,md}.
+bench-e2e: install
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.e2e $(BENCH_E2E_ARGS)
 
 # 10M x 512 in one collection (IVF-PQ codes + float16 memory map), built resumably.
 bench-retrieval-10m: install
