@@ -29,6 +29,8 @@ def feature_settings(demo_model_dir: Path) -> FeatureSettings:
         model=str(demo_model_dir),
         model_id=MODEL_ID,
         device="cpu",
+        # float32 on every processor: auto would pick bf16 where the CPU has it natively.
+        runtime="torch",
         # One thread: the tiny model gains nothing from two, and on a machine busy with other
         # test runs two OpenMP threads can make every operation wait for a descheduled one.
         torch_threads=1,

@@ -103,6 +103,7 @@ def test_model_info(client: TestClient, demo_model_dir: Path) -> None:
         "dtype": "float32",
         "runtime": "torch",
         "architecture": "CLIPModel",
+        "fallbacks": {},
     }
 
 
