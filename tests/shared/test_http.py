@@ -106,6 +106,32 @@ async def test_unreachable_service_is_503() -> None:
     await client.aclose()
 
 
+async def test_a_dropped_connection_is_retried_and_not_taken_for_a_timeout() -> None:
+    """A peer that closes the connection without answering (a service restarting, a reset
+    keep-alive connection): the aiohttp transport calls that a connect timeout; the client
+    retries it as a transport failure and ends with ``_unavailable``, not ``_timeout``."""
+    accepted = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read(1)  # the request has started arriving
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ServiceClient("down", f"http://127.0.0.1:{port}", retries=2, backoff=0.001)
+    try:
+        with pytest.raises(ServiceUnavailable) as raised:
+            await client.request("POST", "/search", json={"q": 1}, retry=True)
+        assert raised.value.code == "down_unavailable"
+        assert accepted == 3  # the first try and two retries
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
