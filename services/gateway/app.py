@@ -21,7 +21,7 @@ from services.gateway import admin
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache
 from services.gateway.openapi import SECURED, install_openapi, problems
-from services.gateway.orchestrator import Backends, Orchestrator
+from services.gateway.orchestrator import Backends, Orchestrator, SearchResult
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.redis_guard import GuardedRedis, make_redis_client
 from services.gateway.revocations import RevocationList
@@ -164,7 +164,6 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
                     window_seconds=settings.cache_window_seconds,
                 ),
                 embeddings=EmbeddingCache(
-                    redis,
                     prefix=settings.cache_prefix,
                     ttl_seconds=settings.embedding_cache_ttl_seconds,
                 ),
@@ -233,6 +232,16 @@ _TOKEN_RESPONSE = {
         },
     }
 }
+
+
+def _search_response(result: SearchResult) -> Response:
+    # The page's JSON as built once (and cached as it is): SearchResponse documents it, and
+    # FastAPI would only validate and encode it again.
+    return Response(
+        result.body,
+        media_type="application/json",
+        headers={"X-Cache": "hit" if result.cached else "miss"},
+    )
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -332,10 +341,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     async def search_text(
         body: TextSearchRequest,
-        response: Response,
         state: State,
         _: Annotated[Principal, require("search:text")],
-    ) -> dict[str, Any]:
+    ) -> Response:
         result = await state.orchestrator.search_text(
             body.query,
             target=body.target,
@@ -344,8 +352,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             filters=body.filters,
             mode=body.mode,
         )
-        response.headers["X-Cache"] = "hit" if result.cached else "miss"
-        return result.body
+        return _search_response(result)
 
     @app.post(
         "/search/image",
@@ -356,7 +363,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "Scope search:image.",
     )
     async def search_image(
-        response: Response,
         state: State,
         _: Annotated[Principal, require("search:image")],
         image: Annotated[UploadFile, File(description="The query image.")],
@@ -364,7 +370,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         target: Annotated[Target, Form()] = "text",
         collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
         filters: Annotated[str | None, Form(description="JSON object")] = None,
-    ) -> dict[str, Any]:
+    ) -> Response:
         upload = await read_upload(image, max_upload, upload_types)
         result = await state.orchestrator.search_image(
             upload,
@@ -373,8 +379,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             collection=collection,
             filters=parse_filters_form(filters),
         )
-        response.headers["X-Cache"] = "hit" if result.cached else "miss"
-        return result.body
+        return _search_response(result)
 
     @app.post(
         "/items",

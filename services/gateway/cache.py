@@ -19,6 +19,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -69,6 +70,33 @@ class WindowedRatio:
         return sum(s[1] for s in self._slices) / lookups if lookups else math.nan
 
 
+@dataclass(frozen=True)
+class CacheLookup:
+    """What one round trip to Redis found for a search."""
+
+    # Where the page goes once computed; None when the cache is not usable for this search
+    # (Redis away, or a write of the collection not yet applied to its version).
+    key: str | None
+    # The cached page, JSON as it was sent: served as it is.
+    page: bytes | None
+    # The value under ``also_get`` when there was no page (the query's embedding).
+    extra: bytes | None
+
+
+# One round trip for a search: the collection's version (a missing one becomes a new random
+# one, never a reused one), the page under it, and, on a miss, the query's embedding. The page
+# key is built from the version inside the script, so this needs a Redis that is not a cluster
+# (or keys in one slot), which is how the gateway uses it.
+_LOOKUP = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local version = redis.call('GET', KEYS[1])
+local page = redis.call('GET', ARGV[2] .. version .. ':' .. ARGV[3])
+local extra = false
+if not page and ARGV[4] ~= '' then extra = redis.call('GET', ARGV[4]) end
+return {version, page, extra}
+"""
+
+
 class ResultCache:
     def __init__(
         self, redis: GuardedRedis, *, prefix: str, ttl_seconds: int, window_seconds: float = 300
@@ -80,29 +108,80 @@ class ResultCache:
         # Collections written while Redis was away: their version must change before any
         # cached page of theirs is served again.
         self._pending_bumps: set[str] = set()
+        self._lookup = redis.client.register_script(_LOOKUP)
         # The gauge is computed at scrape time, so it decays to NaN when searches stop.
         CACHE_HIT_RATIO.set_function(self.ratio.value)
 
     def _version_key(self, collection: str) -> str:
         return f"{self._prefix}:version:{collection}"
 
-    async def version(self, collection: str) -> str | None:
-        """The collection's write version, or None when Redis is unavailable (no caching)."""
+    def _page_prefix(self, collection: str) -> str:
+        return f"{self._prefix}:search:{collection}:"
+
+    @staticmethod
+    def _digest(parts: dict[str, Any]) -> str:
+        canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def key(self, version: str, parts: dict[str, Any]) -> str:
+        """The page key of ``parts`` (which names the collection) under ``version``."""
+        return f"{self._page_prefix(parts['collection'])}{version}:{self._digest(parts)}"
+
+    async def lookup(self, parts: dict[str, Any], also_get: str | None = None) -> CacheLookup:
+        """The cached page of ``parts`` under the collection's current version, and on a miss
+        the value under ``also_get``: one round trip. Redis trouble is a miss without a key."""
+        collection = parts["collection"]
         if collection in self._pending_bumps:
             await self.bump(collection)
             if collection in self._pending_bumps:
-                return None
-        key = self._version_key(collection)
-        fresh = secrets.token_hex(8)
+                return CacheLookup(None, None, None)
+        digest = self._digest(parts)
         try:
-            # SET NX then GET: a missing version becomes a new random one, never a reused one.
-            _, raw = await self._redis.run(
-                lambda r: r.pipeline(transaction=False).set(key, fresh, nx=True).get(key).execute()
+            raw_version, page, extra = await self._redis.run(
+                lambda r: self._lookup(
+                    keys=[self._version_key(collection)],
+                    args=[
+                        secrets.token_hex(8),
+                        self._page_prefix(collection),
+                        digest,
+                        also_get or "",
+                    ],
+                    client=r,
+                )
             )
         except RedisUnavailable as exc:
             log.warning("cache unavailable: %s", exc)
-            return None
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+            CACHE_REQUESTS.labels("error").inc()
+            return CacheLookup(None, None, None)
+        version = raw_version.decode() if isinstance(raw_version, bytes) else str(raw_version)
+        hit = page is not None
+        CACHE_REQUESTS.labels("hit" if hit else "miss").inc()
+        self.ratio.record(hit)
+        return CacheLookup(f"{self._page_prefix(collection)}{version}:{digest}", page, extra)
+
+    async def save(
+        self, key: str | None, page: bytes, also_set: tuple[str, bytes, int] | None = None
+    ) -> None:
+        """Store a page under the key ``lookup`` gave (none: not cached) and, in the same round
+        trip, ``also_set`` (key, value, ttl seconds). A lost write only costs a later miss."""
+        writes: list[tuple[str, bytes, int]] = []
+        if key is not None and self._ttl > 0:
+            writes.append((key, page, self._ttl))
+        if also_set is not None and also_set[2] > 0:
+            writes.append(also_set)
+        if not writes:
+            return
+
+        def store(r: Any) -> Any:
+            pipeline = r.pipeline(transaction=False)
+            for name, value, ttl in writes:
+                pipeline.set(name, value, ex=ttl)
+            return pipeline.execute()
+
+        try:
+            await self._redis.run(store)
+        except RedisUnavailable as exc:
+            log.warning("cache write failed: %s", exc)
 
     async def bump(self, collection: str) -> None:
         try:
@@ -115,29 +194,3 @@ class ResultCache:
             self._pending_bumps.add(collection)
             return
         self._pending_bumps.discard(collection)
-
-    def key(self, version: str, parts: dict[str, Any]) -> str:
-        canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        digest = hashlib.sha256(canonical.encode()).hexdigest()
-        return f"{self._prefix}:search:{parts['collection']}:{version}:{digest}"
-
-    async def get(self, key: str) -> dict[str, Any] | None:
-        try:
-            raw = await self._redis.run(lambda r: r.get(key))
-        except RedisUnavailable as exc:
-            log.warning("cache read failed: %s", exc)
-            CACHE_REQUESTS.labels("error").inc()
-            return None
-        hit = raw is not None
-        CACHE_REQUESTS.labels("hit" if hit else "miss").inc()
-        self.ratio.record(hit)
-        return json.loads(raw) if raw is not None else None
-
-    async def put(self, key: str, value: dict[str, Any]) -> None:
-        if self._ttl <= 0:
-            return
-        payload = json.dumps(value, ensure_ascii=False)
-        try:
-            await self._redis.run(lambda r: r.set(key, payload, ex=self._ttl))
-        except RedisUnavailable as exc:
-            log.warning("cache write failed: %s", exc)

@@ -12,17 +12,15 @@ feature service is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import struct
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from prometheus_client import Counter
 
-from services.gateway.redis_guard import GuardedRedis, RedisUnavailable
 from shared.http import ServiceClient
 from shared.problems import ProblemError
 
@@ -89,55 +87,36 @@ class ModelIdCache:
 
 
 class EmbeddingCache:
-    def __init__(self, redis: GuardedRedis, *, prefix: str, ttl_seconds: int) -> None:
-        self._redis = redis
+    """Keys and values of the query-embedding cache; the reads and writes ride on the result
+    cache's round trips (``ResultCache.lookup``'s ``also_get``, ``save``'s ``also_set``)."""
+
+    def __init__(self, *, prefix: str, ttl_seconds: int) -> None:
         self._prefix = prefix
-        self._ttl = ttl_seconds
+        self.ttl = ttl_seconds
 
     def key(self, model_id: str, kind: str, digest: str) -> str:
         # The model id is free text (a hub name, a path hash): hashed into the key with the rest.
         scope = hashlib.sha256(f"{model_id}\0{kind}\0{digest}".encode()).hexdigest()
         return f"{self._prefix}:emb:{kind}:{scope}"
 
-    async def get(self, model_id: str, kind: str, digest: str) -> list[float] | None:
-        try:
-            raw = await self._redis.run(lambda r: r.get(self.key(model_id, kind, digest)))
-        except RedisUnavailable:
-            EMBEDDING_CACHE_REQUESTS.labels("error").inc()
+    def lookup_key(self, model_id: str | None, kind: str, digest: str) -> str | None:
+        """The key to read under the model id the search runs with; None while it is unknown."""
+        if model_id is None or self.ttl <= 0:
+            EMBEDDING_CACHE_REQUESTS.labels("skipped").inc()
             return None
+        return self.key(model_id, kind, digest)
+
+    @staticmethod
+    def decode(raw: bytes | None) -> list[float] | None:
+        """The vector stored by ``entry``; None (a miss) for nothing or a damaged value."""
         EMBEDDING_CACHE_REQUESTS.labels("miss" if raw is None else "hit").inc()
         if raw is None or len(raw) % 4:
             return None
         # float32 little-endian: exact for vectors the feature service computed in float32.
         return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
-    async def put(self, model_id: str, kind: str, digest: str, vector: list[float]) -> None:
-        if self._ttl <= 0:
-            return
-        payload = struct.pack(f"<{len(vector)}f", *vector)
-        # A lost write only costs a later miss; the breaker has logged the failure.
-        with contextlib.suppress(RedisUnavailable):
-            await self._redis.run(
-                lambda r: r.set(self.key(model_id, kind, digest), payload, ex=self._ttl)
-            )
-
-    async def get_or_compute(
-        self,
-        models: ModelIdCache,
-        kind: str,
-        digest: str,
-        compute: Callable[[], Awaitable[tuple[list[float], str]]],
-    ) -> tuple[list[float], str]:
-        """(vector, model id) from the cache under the current model id, else computed, learned
-        and stored."""
-        model_id = models.current()
-        if model_id is None:
-            EMBEDDING_CACHE_REQUESTS.labels("skipped").inc()
-        else:
-            cached = await self.get(model_id, kind, digest)
-            if cached is not None:
-                return cached, model_id
-        vector, actual = await compute()
-        models.learn(actual)
-        await self.put(actual, kind, digest, vector)
-        return vector, actual
+    def entry(
+        self, model_id: str, kind: str, digest: str, vector: list[float]
+    ) -> tuple[str, bytes, int]:
+        """(key, value, ttl) that stores ``vector`` for later ``lookup_key`` reads."""
+        return self.key(model_id, kind, digest), struct.pack(f"<{len(vector)}f", *vector), self.ttl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,8 +55,59 @@ class Upload:
 
 @dataclass(frozen=True)
 class SearchResult:
-    body: dict[str, Any]
+    # The page's JSON: sent as it is, and cached as it is.
+    body: bytes
     cached: bool
+
+
+class QueryEmbedding:
+    """A search's query vector: read from the embedding cache in the same round trip as the
+    page (``key``), else computed once by ``compute``, learnt, and written with the page."""
+
+    def __init__(
+        self,
+        kind: str,
+        digest: str,
+        compute: Callable[[], Awaitable[tuple[list[float], str]]],
+        embeddings: EmbeddingCache | None,
+        models: ModelIdCache | None,
+    ) -> None:
+        self._kind = kind
+        self._digest = digest
+        self._compute = compute
+        self._embeddings = embeddings
+        self._models = models
+        # The id the key is made with is the one a vector found under it belongs to, even if
+        # a background refresh learns another id meanwhile.
+        self._model_id = models.current() if models is not None else None
+        self.key = (
+            embeddings.lookup_key(self._model_id, kind, digest) if embeddings is not None else None
+        )
+        self._vector: tuple[list[float], str] | None = None
+        self._computed = False
+
+    def found(self, raw: bytes | None) -> None:
+        """What the lookup found under ``key``."""
+        if self.key is None or self._embeddings is None or self._model_id is None:
+            return
+        vector = self._embeddings.decode(raw)
+        if vector is not None:
+            self._vector = (vector, self._model_id)
+
+    async def __call__(self) -> tuple[list[float], str]:
+        if self._vector is None:
+            vector, model_id = await self._compute()
+            if self._models is not None:
+                self._models.learn(model_id)
+            self._vector, self._computed = (vector, model_id), True
+        return self._vector
+
+    def entry(self) -> tuple[str, bytes, int] | None:
+        """The cache write for a vector computed by this search, if any."""
+        if not self._computed or self._embeddings is None or self._vector is None:
+            return None
+        vector, model_id = self._vector
+        return self._embeddings.entry(model_id, self._kind, self._digest, vector)
 
 
 class Orchestrator:
@@ -95,11 +147,14 @@ class Orchestrator:
             body = response.json()
             return body["vectors"][0], body["model_id"]
 
-        async def embed() -> tuple[list[float], str]:
-            return await self._embed_query("text", text_digest(query), compute)
+        embed = (
+            None
+            if mode == "keyword"
+            else self._query_embedding("text", text_digest(query), compute)
+        )
 
         async def rank() -> tuple[list[dict[str, Any]], str | None]:
-            if mode == "keyword":
+            if embed is None:
                 return await self._keyword_hits(query, target, top_k, collection, filters), None
             if mode == "vector":
                 return await self._vector_hits(embed, target, top_k, collection, filters)
@@ -110,7 +165,7 @@ class Orchestrator:
             )
             return fuse_hits(vector_hits, keyword_hits, top_k=top_k), model_id
 
-        return await self._search(cache_parts, rank, target, top_k, collection, filters)
+        return await self._search(cache_parts, rank, embed, target, top_k, collection, filters)
 
     async def search_image(
         self, image: Upload, *, target: Target, top_k: int, collection: str, filters: Filters | None
@@ -122,32 +177,30 @@ class Orchestrator:
             vectors, model_id = await self._embed_images([image])
             return vectors[0], model_id
 
-        async def embed() -> tuple[list[float], str]:
-            return await self._embed_query("image", image.sha256, compute)
+        embed = self._query_embedding("image", image.sha256, compute)
 
         async def rank() -> tuple[list[dict[str, Any]], str | None]:
             return await self._vector_hits(embed, target, top_k, collection, filters)
 
-        return await self._search(cache_parts, rank, target, top_k, collection, filters)
+        return await self._search(cache_parts, rank, embed, target, top_k, collection, filters)
 
-    async def _embed_query(
+    def _query_embedding(
         self, kind: str, digest: str, compute: Callable[[], Awaitable[tuple[list[float], str]]]
-    ) -> tuple[list[float], str]:
-        """The query's vector and model id, from the embedding cache when it has them."""
-        if self.embeddings is None or self.models is None:
-            return await compute()
-        return await self.embeddings.get_or_compute(self.models, kind, digest, compute)
+    ) -> QueryEmbedding:
+        return QueryEmbedding(kind, digest, compute, self.embeddings, self.models)
 
     async def _search(
         self,
         query_parts: dict[str, str],
         rank: Callable[[], Awaitable[tuple[list[dict[str, Any]], str | None]]],
+        embed: QueryEmbedding | None,
         target: Target,
         top_k: int,
         collection: str,
         filters: Filters | None,
     ) -> SearchResult:
-        """One page of results: from the cache, or ranked by ``rank`` and hydrated."""
+        """One page of results: from the cache, or ranked by ``rank`` and hydrated. Redis is
+        asked once before (the page, else the query's embedding) and once after (both kept)."""
         parts = {
             **query_parts,
             "target": target,
@@ -155,11 +208,11 @@ class Orchestrator:
             "collection": collection,
             "filters": filters,
         }
-        version = await self.cache.version(collection)
-        key = self.cache.key(version, parts) if version is not None else None
-        if key is not None and (cached := await self.cache.get(key)) is not None:
-            return SearchResult(cached, cached=True)
-
+        found = await self.cache.lookup(parts, embed.key if embed is not None else None)
+        if found.page is not None:
+            return SearchResult(found.page, cached=True)
+        if embed is not None:
+            embed.found(found.extra)
         hits, model_id = await rank()
         body = {
             "collection": collection,
@@ -168,9 +221,9 @@ class Orchestrator:
             "model_id": model_id,
             "results": await self._hydrate(hits, target),
         }
-        if key is not None:
-            await self.cache.put(key, body)
-        return SearchResult(body, cached=False)
+        page = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        await self.cache.save(found.key, page, embed.entry() if embed is not None else None)
+        return SearchResult(page, cached=False)
 
     async def _vector_hits(
         self, embed: Embed, target: Target, top_k: int, collection: str, filters: Filters | None

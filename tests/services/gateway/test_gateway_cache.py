@@ -13,13 +13,14 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from services.gateway.cache import ResultCache, WindowedRatio
+from services.gateway.cache import CacheLookup, ResultCache, WindowedRatio
 from services.gateway.embeddings import (
     EmbeddingCache,
     ModelIdCache,
     normalise_text,
     text_digest,
 )
+from services.gateway.orchestrator import QueryEmbedding
 from services.gateway.redis_guard import GuardedRedis
 from shared.http import ServiceClient
 
@@ -40,24 +41,22 @@ async def test_a_page_is_found_again_until_the_collection_is_written(
     guarded: GuardedRedis, prefix: str
 ) -> None:
     cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
-    version = await cache.version("c")
-    assert version is not None
-    key = cache.key(version, PARTS)
-    assert await cache.get(key) is None
-    await cache.put(key, {"results": [1]})
-    assert await cache.get(cache.key(await cache.version("c"), PARTS)) == {"results": [1]}
+    found = await cache.lookup(PARTS)
+    assert found.key is not None and found.page is None
+    await cache.save(found.key, b'{"results":[1]}')
+    again = await cache.lookup(PARTS)
+    assert (again.key, again.page) == (found.key, b'{"results":[1]}')
+    assert 0 < await guarded.client.ttl(found.key) <= 60
     await cache.bump("c")
-    new_version = await cache.version("c")
-    assert new_version != version
-    assert await cache.get(cache.key(new_version, PARTS)) is None
+    after = await cache.lookup(PARTS)
+    assert after.key is not None and after.key != found.key
+    assert after.page is None
 
 
 async def test_every_key_part_matters(guarded: GuardedRedis, prefix: str) -> None:
     cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
-    version = await cache.version("c")
-    assert version is not None
     keys = {
-        cache.key(version, {**PARTS, **change})
+        cache.key("v1", {**PARTS, **change})
         for change in (
             {},
             {"text": "a blue circle"},
@@ -67,50 +66,53 @@ async def test_every_key_part_matters(guarded: GuardedRedis, prefix: str) -> Non
         )
     }
     assert len(keys) == 5
-    assert cache.key(version, dict(reversed(PARTS.items()))) in keys  # order does not matter
+    assert cache.key("v1", dict(reversed(PARTS.items()))) in keys  # order does not matter
+    # The lookup's key is the same function of the parts, under the collection's version.
+    found = await cache.lookup(PARTS)
+    version = await guarded.client.get(f"{prefix}:version:c")
+    assert found.key == cache.key(version.decode(), PARTS)
 
 
 async def test_a_lost_version_never_makes_old_pages_reachable(
     guarded: GuardedRedis, prefix: str
 ) -> None:
     cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
-    version = await cache.version("c")
-    assert version is not None
-    await cache.put(cache.key(version, PARTS), {"stale": True})
+    found = await cache.lookup(PARTS)
+    assert found.key is not None
+    await cache.save(found.key, b'{"stale":true}')
     await guarded.client.delete(f"{prefix}:version:c")  # evicted, or Redis restarted empty
-    fresh = await cache.version("c")
-    assert fresh is not None and fresh != version
-    assert await cache.get(cache.key(fresh, PARTS)) is None
+    fresh = await cache.lookup(PARTS)
+    assert fresh.key is not None and fresh.key != found.key
+    assert fresh.page is None
 
 
 async def test_redis_down_skips_the_cache_and_remembers_pending_invalidations(
     dead: GuardedRedis, guarded: GuardedRedis, prefix: str
 ) -> None:
     down = ResultCache(dead, prefix=prefix, ttl_seconds=60)
-    assert await down.version("c") is None
-    assert await down.get("any") is None
-    await down.put("any", {"x": 1})  # no error
+    assert await down.lookup(PARTS) == CacheLookup(None, None, None)
+    await down.save("any", b"{}")  # no error
     await down.bump("c")  # a write while Redis is away ...
+    assert down._pending_bumps == {"c"}
     # ... is applied before the cache is used again (same cache object, Redis back).
     up = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
-    before = await up.version("c")
+    before = (await up.lookup(PARTS)).key
     down._redis = guarded
-    down._pending_bumps = {"c"}
-    after = await down.version("c")
+    after = (await down.lookup(PARTS)).key
     assert after is not None and after != before
     assert not down._pending_bumps
 
 
 async def test_the_breaker_skips_a_dead_redis_at_once(dead: GuardedRedis, prefix: str) -> None:
     cache = ResultCache(dead, prefix=prefix, ttl_seconds=60)
-    await cache.get("k")
+    await cache.lookup(PARTS)
     assert dead.breaker.state == "open"
     name = dead.breaker.name
     before = REGISTRY.get_sample_value(
         "multimodal_circuit_breaker_rejections_total", {"target": name}
     )
     for _ in range(20):
-        assert await cache.get("k") is None
+        assert (await cache.lookup(PARTS)).page is None
     # Every one refused by the breaker: no connection attempt while it is open.
     after = REGISTRY.get_sample_value(
         "multimodal_circuit_breaker_rejections_total", {"target": name}
@@ -137,13 +139,10 @@ def test_windowed_ratio_forgets_old_lookups() -> None:
 
 async def test_hit_ratio_gauge_reports_the_window(guarded: GuardedRedis, prefix: str) -> None:
     cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
-    version = await cache.version("c")
-    assert version is not None
-    key = cache.key(version, PARTS)
-    await cache.get(key)
-    await cache.put(key, {"r": 1})
-    await cache.get(key)
-    await cache.get(key)
+    found = await cache.lookup(PARTS)
+    await cache.save(found.key, b'{"r":1}')
+    await cache.lookup(PARTS)
+    await cache.lookup(PARTS)
     assert REGISTRY.get_sample_value("multimodal_cache_hit_ratio") == pytest.approx(2 / 3)
 
 
@@ -154,15 +153,24 @@ def test_text_normalisation_keeps_what_changes_an_embedding() -> None:
     assert text_digest("a red circle!") != text_digest("a red circle")
 
 
-async def test_embeddings_round_trip_as_float32(guarded: GuardedRedis, prefix: str) -> None:
-    cache = EmbeddingCache(guarded, prefix=prefix, ttl_seconds=60)
+async def test_embeddings_round_trip_as_float32_with_the_page_round_trips(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
+    embeddings = EmbeddingCache(prefix=prefix, ttl_seconds=60)
     vector = [struct.unpack("<f", struct.pack("<f", x))[0] for x in (0.1, -0.25, 0.3333)]
-    await cache.put("model-a", "text", "d1", vector)
-    assert await cache.get("model-a", "text", "d1") == vector
-    assert await cache.get("model-b", "text", "d1") is None  # another model: another key
-    assert await cache.get("model-a", "image", "d1") is None
-    ttl = await guarded.client.ttl(cache.key("model-a", "text", "d1"))
-    assert 0 < ttl <= 60
+    key, value, ttl = embeddings.entry("model-a", "text", "d1", vector)
+    await cache.save(None, b"", (key, value, ttl))  # no page to keep, the embedding still
+    found = await cache.lookup(PARTS, also_get=key)
+    assert found.page is None and embeddings.decode(found.extra) == vector
+    assert embeddings.decode(None) is None
+    # Another model or kind: another key.
+    assert key != embeddings.key("model-b", "text", "d1")
+    assert key != embeddings.key("model-a", "image", "d1")
+    assert 0 < await guarded.client.ttl(key) <= 60
+    # A page found: the embedding is not needed and not read.
+    await cache.save(found.key, b"{}")
+    assert (await cache.lookup(PARTS, also_get=key)).extra is None
 
 
 def _feature_stub(model_ids: list[str]) -> tuple[FastAPI, dict[str, int]]:
@@ -207,11 +215,12 @@ async def test_model_id_is_learned_and_refreshed_in_the_background() -> None:
     await client.aclose()
 
 
-async def test_get_or_compute_uses_the_current_model_id(guarded: GuardedRedis, prefix: str) -> None:
+async def test_a_query_embedding_is_used_under_the_current_model_id_only() -> None:
     app, _ = _feature_stub(["m1"])
     client = ServiceClient("feature", "http://f", transport=httpx.ASGITransport(app=app))
     models = ModelIdCache(client, ttl=300)
-    cache = EmbeddingCache(guarded, prefix=prefix, ttl_seconds=60)
+    models.learn("m1")
+    embeddings = EmbeddingCache(prefix="p", ttl_seconds=60)
     computed = 0
 
     async def compute() -> tuple[list[float], str]:
@@ -219,11 +228,24 @@ async def test_get_or_compute_uses_the_current_model_id(guarded: GuardedRedis, p
         computed += 1
         return [0.5, 0.25], "m1"
 
-    assert await cache.get_or_compute(models, "text", "d", compute) == ([0.5, 0.25], "m1")
-    assert await cache.get_or_compute(models, "text", "d", compute) == ([0.5, 0.25], "m1")
-    assert computed == 1
+    def query() -> QueryEmbedding:
+        return QueryEmbedding("text", "d", compute, embeddings, models)
+
+    first = query()
+    assert first.key == embeddings.key("m1", "text", "d")
+    first.found(None)  # not cached yet
+    assert await first() == ([0.5, 0.25], "m1")
+    entry = first.entry()
+    assert entry is not None and entry[0] == first.key
+    second = query()
+    second.found(entry[1])  # what the lookup read under the key
+    assert await second() == ([0.5, 0.25], "m1")
+    assert computed == 1 and second.entry() is None  # nothing new to write
     models.learn("m2")  # a new model: the old vector must not be used for it
-    assert (await cache.get_or_compute(models, "text", "d", compute))[1] == "m1"
+    third = query()
+    assert third.key == embeddings.key("m2", "text", "d") != entry[0]
+    third.found(None)
+    assert (await third())[1] == "m1"
     assert computed == 2
     await models.aclose()
     await client.aclose()
