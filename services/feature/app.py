@@ -46,7 +46,9 @@ class FeatureState:
         return service
 
 
-def _state(request: Request) -> FeatureState:
+async def _state(request: Request) -> FeatureState:
+    # Async, though it never awaits: FastAPI runs sync dependencies in the thread pool, a
+    # hop per request for nothing.
     return request.app.state.feature
 
 

@@ -60,7 +60,9 @@ class GatewayState:
     orchestrator: Orchestrator
 
 
-def _state(request: Request) -> GatewayState:
+async def _state(request: Request) -> GatewayState:
+    # Async, though it never awaits: FastAPI runs sync dependencies in the thread pool, a
+    # hop per request for nothing.
     return request.app.state.gateway
 
 

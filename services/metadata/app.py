@@ -46,7 +46,9 @@ from shared.problems import PayloadTooLarge
 _FORM_OVERHEAD = 1024 * 1024
 
 
-def _repository(request: Request) -> Repository:
+async def _repository(request: Request) -> Repository:
+    # Async, though it never awaits: FastAPI runs sync dependencies in the thread pool, a
+    # hop per request for nothing.
     return request.app.state.repository
 
 
