@@ -15,7 +15,7 @@ from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_
 from services.gateway.fusion import fuse_hits
 from services.gateway.schemas import Filters, SearchMode, Target
 from shared.http import ServiceClient
-from shared.problems import ProblemError
+from shared.problems import ProblemError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -329,14 +329,31 @@ class Orchestrator:
     ) -> dict[str, Any]:
         """Store, embed and index one item. Answers only once its vectors are durable in the
         retrieval service; on failure nothing half-made stays searchable."""
+
         # Embedding first: a corrupt image or a bad caption is refused before anything is stored.
-        image_vectors, model_id = await self._embed_images([image])
-        caption_vectors: list[list[float]] = []
-        if captions:
+        # The image and its captions at once: two forward passes the feature service can run
+        # side by side (or merge with other requests'), not one after the other.
+        async def embed_captions() -> tuple[list[list[float]], str | None]:
+            if not captions:
+                return [], None
             response = await self.backends.feature.request(
                 "POST", "/embed/text", json={"texts": captions}, retry=True
             )
-            caption_vectors = response.json()["vectors"]
+            body = response.json()
+            return body["vectors"], body["model_id"]
+
+        image_task = asyncio.ensure_future(self._embed_images([image]))
+        captions_task = asyncio.ensure_future(embed_captions())
+        await asyncio.gather(image_task, captions_task, return_exceptions=True)
+        # Both are awaited to the end; a bad image is reported before a bad caption.
+        image_vectors, model_id = image_task.result()
+        caption_vectors, caption_model_id = captions_task.result()
+        if caption_model_id not in (None, model_id):
+            raise ServiceUnavailable(
+                "the feature model changed while this item was embedded; send it again",
+                code="model_changed",
+                headers={"Retry-After": "1"},
+            )
 
         form: dict[str, Any] = {"collection": collection, "caption": captions, "tag": tags or []}
         if attributes is not None:
