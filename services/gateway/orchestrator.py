@@ -219,7 +219,7 @@ class Orchestrator:
             "target": target,
             "top_k": top_k,
             "model_id": model_id,
-            "results": await self._hydrate(hits, target),
+            "results": await self._hydrate(collection, hits, target),
         }
         page = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         await self.cache.save(found.key, page, embed.entry() if embed is not None else None)
@@ -233,7 +233,10 @@ class Orchestrator:
         allow_ids: list[int] | None = None
         if filters:
             response = await self.backends.metadata.request(
-                "POST", f"/collections/{collection}/filter", json={"filters": filters}, retry=True
+                "POST",
+                f"/collections/{collection}/filter",
+                json={"filters": filters, "target": target},
+                retry=True,
             )
             allowed = response.json()
             allow_ids = allowed["item_ids"] if target == "image" else allowed["caption_ids"]
@@ -265,42 +268,31 @@ class Orchestrator:
         )
         return response.json()["results"]
 
-    async def _hydrate(self, hits: list[dict[str, Any]], target: Target) -> list[dict[str, Any]]:
-        """Turn (id, score) pairs into results with their items; ids whose item is gone or not
-        yet indexed are dropped rather than shown half-made."""
+    async def _hydrate(
+        self, collection: str, hits: list[dict[str, Any]], target: Target
+    ) -> list[dict[str, Any]]:
+        """Turn (id, score) pairs into results with their items, in one metadata call; ids whose
+        item is gone or not yet indexed are dropped rather than shown half-made."""
         if not hits:
             return []
-        ids = [hit["id"] for hit in hits]
-        captions: dict[int, dict[str, Any]] = {}
-        if target == "text":
-            response = await self.backends.metadata.request(
-                "POST", "/captions/lookup", json={"ids": ids}, retry=True
-            )
-            captions = {c["id"]: c for c in response.json()["captions"]}
-            item_ids = list(dict.fromkeys(c["item_id"] for c in captions.values()))
-        else:
-            item_ids = ids
         response = await self.backends.metadata.request(
-            "POST", "/items/lookup", json={"ids": item_ids}, retry=True
+            "POST",
+            f"/collections/{collection}/hits",
+            json={"target": target, "ids": [hit["id"] for hit in hits]},
+            retry=True,
         )
-        items = {
-            item["id"]: public_item(item)
-            for item in response.json()["items"]
-            if item["status"] == "indexed"
-        }
+        found = {hit["id"]: hit for hit in response.json()["hits"]}
         results: list[dict[str, Any]] = []
         for hit in hits:
-            caption = captions.get(hit["id"]) if target == "text" else None
-            item_id = caption["item_id"] if caption else hit["id"]
-            if (target == "text" and caption is None) or item_id not in items:
+            if (entry := found.get(hit["id"])) is None:
                 continue
             results.append(
                 {
                     "rank": len(results) + 1,
                     "score": hit["score"],
-                    "item_id": item_id,
-                    "caption": {"id": caption["id"], "text": caption["text"]} if caption else None,
-                    "item": items[item_id],
+                    "item_id": entry["item"]["id"],
+                    "caption": entry["caption"],
+                    "item": public_item(entry["item"]),
                 }
             )
         return results

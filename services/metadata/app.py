@@ -29,6 +29,8 @@ from services.metadata.schemas import (
     FilterRequest,
     HashesOut,
     HashesRequest,
+    HitsOut,
+    HitsRequest,
     IdsRequest,
     ItemOut,
     ItemsOut,
@@ -168,7 +170,12 @@ def delete_collection(repo: Repo, collection: str) -> CollectionDeleted:
 
 @router.post("/collections/{collection}/filter")
 def filter_collection(repo: Repo, collection: str, body: FilterRequest) -> FilterOut:
-    return repo.filter_items(collection, body.filters)
+    return repo.filter_items(collection, body.filters, body.target)
+
+
+@router.post("/collections/{collection}/hits")
+def hits(repo: Repo, collection: str, body: HitsRequest) -> HitsOut:
+    return HitsOut(hits=repo.hits(collection, body.target, body.ids))
 
 
 @router.post("/collections/{collection}/keyword-search")

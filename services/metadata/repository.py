@@ -43,6 +43,7 @@ from services.metadata.schemas import (
     CollectionOut,
     FilterOut,
     HashMatch,
+    Hit,
     IndexSettings,
     ItemOut,
     ItemState,
@@ -433,6 +434,44 @@ class Repository:
             }
         return [found[i] for i in wanted if i in found]
 
+    def hits(self, collection: str, target: str, ids: list[int]) -> list[Hit]:
+        """Search hits of ``collection`` with their items (and captions, for target=text), in
+        the order of ``ids``: what a page of results shows, in one call. Items that are not
+        indexed, or of another collection, are left out."""
+        wanted = list(dict.fromkeys(i for i in ids if _is_int64(i)))
+        if not wanted:
+            return []
+        with self._session() as session:
+            captions: dict[int, CaptionOut] = {}
+            caption_items: dict[int, int] = {}
+            if target == "text":
+                rows = session.execute(
+                    select(Caption.id, Caption.item_id, Caption.text).where(Caption.id.in_(wanted))
+                )
+                for row in rows:
+                    captions[row.id] = CaptionOut(id=row.id, text=row.text)
+                    caption_items[row.id] = row.item_id
+                item_ids = list(dict.fromkeys(caption_items[i] for i in wanted if i in captions))
+            else:
+                item_ids = wanted
+            items = {
+                item.id: _item_view(item)
+                for item in session.scalars(
+                    select(Item).where(
+                        Item.id.in_(item_ids),
+                        Item.collection == collection,
+                        Item.status == "indexed",
+                    )
+                )
+            }
+        if target == "text":
+            return [
+                Hit(id=i, caption=captions[i], item=items[caption_items[i]])
+                for i in wanted
+                if i in captions and caption_items[i] in items
+            ]
+        return [Hit(id=i, caption=None, item=items[i]) for i in wanted if i in items]
+
     # --- filters and keyword search ---------------------------------------------------------
 
     def _require_collection(self, session: Session, name: str) -> Collection:
@@ -449,20 +488,30 @@ class Repository:
             conditions.append(condition)
         return conditions
 
-    def filter_items(self, collection: str, raw_filters: Any) -> FilterOut:
+    def filter_items(
+        self, collection: str, raw_filters: Any, target: str | None = None
+    ) -> FilterOut:
         """Indexed items of ``collection`` (and their captions) that match the filter: the
-        allow-list a vector search runs against."""
+        allow-list a vector search runs against; only one of the lists for a ``target``."""
         conditions = self._searchable(collection, raw_filters)
+        item_ids: list[int] | None = None
+        caption_ids: list[int] | None = None
         with self._session() as session:
             self._require_collection(session, collection)
-            item_ids = session.scalars(select(Item.id).where(*conditions).order_by(Item.id)).all()
-            caption_ids = session.scalars(
-                select(Caption.id)
-                .join(Item, Caption.item_id == Item.id)
-                .where(*conditions)
-                .order_by(Caption.id)
-            ).all()
-        return FilterOut(item_ids=list(item_ids), caption_ids=list(caption_ids))
+            if target != "text":
+                item_ids = list(
+                    session.scalars(select(Item.id).where(*conditions).order_by(Item.id))
+                )
+            if target != "image":
+                caption_ids = list(
+                    session.scalars(
+                        select(Caption.id)
+                        .join(Item, Caption.item_id == Item.id)
+                        .where(*conditions)
+                        .order_by(Caption.id)
+                    )
+                )
+        return FilterOut(item_ids=item_ids, caption_ids=caption_ids)
 
     def keyword_search(
         self, collection: str, query: str, *, top_k: int, target: str, raw_filters: Any = None

@@ -59,8 +59,8 @@ class CaptionsOut(BaseModel):
 
 
 class FilterOut(BaseModel):
-    item_ids: list[int]
-    caption_ids: list[int]
+    item_ids: list[int] | None = Field(description="null when only caption ids were asked for")
+    caption_ids: list[int] | None = Field(description="null when only item ids were asked for")
 
 
 class IndexSettings(BaseModel):
@@ -130,6 +130,31 @@ class IdsRequest(BaseModel):
 class FilterRequest(BaseModel):
     # Checked by hand (filters.parse_filter) so a bad shape answers code "invalid_filter".
     filters: Any = None
+    target: Target | None = Field(
+        None,
+        description="image: only item ids; text: only caption ids; absent: both. A search "
+        "needs one list, and the other can be as long as the collection.",
+    )
+
+
+class HitsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: Target = Field(description="image: the ids are item ids; text: caption ids")
+    ids: list[StrictInt] = Field(max_length=MAX_LOOKUP_IDS)
+
+
+class Hit(BaseModel):
+    id: int = Field(description="the id asked for: an item id, or a caption id (target=text)")
+    caption: CaptionOut | None = Field(description="the caption, for target=text")
+    item: ItemOut
+
+
+class HitsOut(BaseModel):
+    hits: list[Hit] = Field(
+        description="in the order asked, each id once; ids of missing items, of items not "
+        "indexed or of another collection are left out"
+    )
 
 
 class KeywordSearchRequest(BaseModel):

@@ -196,6 +196,56 @@ def test_items_lookup_keeps_request_order_and_drops_missing(client: TestClient) 
     assert client.post("/items/lookup", json={"ids": [2**70]}).json() == {"items": []}
 
 
+def test_hits_come_with_their_items_in_one_call(client: TestClient) -> None:
+    a = create_indexed(client, captions=["a one", "a two"])
+    b = create_indexed(client, captions=["b"])
+    pending = create(client, captions=["not yet"])
+    elsewhere = create_indexed(client, collection="other", captions=["elsewhere"])
+    missing = b["id"] + 1000
+    images = client.post(
+        "/collections/photos/hits",
+        json={
+            "target": "image",
+            "ids": [b["id"], missing, pending["id"], a["id"], elsewhere["id"], b["id"]],
+        },
+    )
+    assert images.status_code == 200
+    assert images.json() == {
+        "hits": [
+            {"id": b["id"], "caption": None, "item": client.get(f"/items/{b['id']}").json()},
+            {"id": a["id"], "caption": None, "item": client.get(f"/items/{a['id']}").json()},
+        ]
+    }
+    a_two, a_one = a["captions"][1], a["captions"][0]
+    texts = client.post(
+        "/collections/photos/hits",
+        json={
+            "target": "text",
+            "ids": [
+                a_two["id"],
+                pending["captions"][0]["id"],
+                b["captions"][0]["id"],
+                elsewhere["captions"][0]["id"],
+                a_one["id"],
+                10**12,
+            ],
+        },
+    ).json()["hits"]
+    assert [(h["id"], h["caption"], h["item"]["id"]) for h in texts] == [
+        (a_two["id"], a_two, a["id"]),
+        (b["captions"][0]["id"], b["captions"][0], b["id"]),
+        (a_one["id"], a_one, a["id"]),
+    ]
+    assert client.post("/collections/photos/hits", json={"target": "text", "ids": []}).json() == {
+        "hits": []
+    }
+    assert_problem(
+        client.post("/collections/photos/hits", json={"target": "both", "ids": [1]}),
+        422,
+        "validation_error",
+    )
+
+
 def test_items_lookup_limits_ids(client: TestClient) -> None:
     assert_problem(
         client.post("/items/lookup", json={"ids": list(range(10_001))}), 422, "validation_error"

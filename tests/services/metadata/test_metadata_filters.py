@@ -224,6 +224,21 @@ def test_captions_follow_their_items(client: TestClient, shop: dict[str, dict[st
     assert response.json()["caption_ids"] == expected
 
 
+def test_a_target_asks_for_one_list_only(
+    client: TestClient, shop: dict[str, dict[str, Any]]
+) -> None:
+    both = client.post("/collections/photos/filter", json={"filters": {"$tags": "pet"}}).json()
+    images = client.post(
+        "/collections/photos/filter", json={"filters": {"$tags": "pet"}, "target": "image"}
+    ).json()
+    texts = client.post(
+        "/collections/photos/filter", json={"filters": {"$tags": "pet"}, "target": "text"}
+    ).json()
+    assert images == {"item_ids": both["item_ids"], "caption_ids": None}
+    assert texts == {"item_ids": None, "caption_ids": both["caption_ids"]}
+    assert both["item_ids"] == ids(shop, "ab")
+
+
 def test_invalid_filter_problem_names_the_pointer(client: TestClient) -> None:
     create_indexed(client)
     response = client.post(
