@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -40,8 +41,8 @@ O = TypeVar("O")  # noqa: E741 - its output
 
 # Runs one batch (on the executor's thread): one output, or an exception, per input.
 BatchFunction = Callable[[list[Any]], Sequence[Any]]
-# Told of each forward pass: (batch size, seconds).
-BatchObserver = Callable[[int, float], None]
+# Told of each forward pass: (batch size, seconds, seconds it was held back for company).
+BatchObserver = Callable[[int, float, float], None]
 
 
 class Overloaded(Exception):
@@ -50,6 +51,16 @@ class Overloaded(Exception):
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class _Reservation:
+    batcher: DynamicBatcher[Any, Any]
+    unsubmitted: int
+
+
+# The reservation of the running task (a request): ``submit`` counts its inputs as arrived.
+_RESERVATION: ContextVar[_Reservation | None] = ContextVar("batcher_reservation", default=None)
 
 
 @dataclass(eq=False)
@@ -94,11 +105,15 @@ class DynamicBatcher(Generic[I, O]):
         self._queued = 0  # inputs in _jobs not yet taken
         self._reserved = 0  # inputs admitted and not yet answered
         self._outstanding = 0  # inputs submitted and not yet answered (queued or in a pass)
+        self._unsubmitted = 0  # inputs admitted and not submitted yet (being decoded, say)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         # Seconds per input, smoothed: turns the backlog into a Retry-After estimate.
         self._seconds_per_input = 0.0
         self.batches = 0  # forward passes run, for tests and logs
+        # Seconds the last pass was held back for inputs still arriving; 0.0 when it left at
+        # once (a lone request, or inputs that queued while the previous pass ran).
+        self.last_wait = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -138,8 +153,10 @@ class DynamicBatcher(Generic[I, O]):
 
     @property
     def arriving(self) -> int:
-        """Inputs admitted but not submitted yet: the ones worth waiting for."""
-        return max(0, self._reserved - self._outstanding)
+        """Inputs admitted but not submitted yet: the ones worth waiting for. Not those of a
+        request already answered whose task has not left ``reserve`` yet: counting them
+        (admitted minus unanswered) held passes back for requests that were done."""
+        return self._unsubmitted
 
     # --- admission ------------------------------------------------------------------------
 
@@ -155,10 +172,15 @@ class DynamicBatcher(Generic[I, O]):
                 retry_after,
             )
         self._reserved += count
+        self._unsubmitted += count
+        reservation = _Reservation(self, count)
+        token = _RESERVATION.set(reservation)
         try:
             yield
         finally:
+            _RESERVATION.reset(token)
             self._reserved -= count
+            self._unsubmitted -= reservation.unsubmitted
             if self._wakeup is not None:  # the collector may be waiting for these inputs
                 self._wakeup.set()
 
@@ -172,6 +194,11 @@ class DynamicBatcher(Generic[I, O]):
             raise RuntimeError(f"the {self.name} batcher is not running")
         loop = asyncio.get_running_loop()
         job = _Job(list(items), loop.create_future(), time.monotonic())
+        reservation = _RESERVATION.get()
+        if reservation is not None and reservation.batcher is self:
+            arrived = min(reservation.unsubmitted, len(job.items))
+            reservation.unsubmitted -= arrived
+            self._unsubmitted -= arrived
         self._jobs.append(job)
         self._outstanding += len(job.items)
         self._set_queued(self._queued + len(job.items))
@@ -196,16 +223,24 @@ class DynamicBatcher(Generic[I, O]):
             while not self._jobs:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            # Wait only for inputs admitted and still being prepared: with none (a lone request,
+            # a text request, whose inputs are submitted as they are admitted) the pass starts
+            # at once, whatever max_wait is.
             deadline = self._jobs[0].enqueued_at + self.max_wait
+            waiting_since: float | None = None
             while self._queued < self.max_batch_size and self.arriving > 0:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     break
+                if waiting_since is None:
+                    waiting_since = now
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
+            self.last_wait = 0.0 if waiting_since is None else time.monotonic() - waiting_since
             if not self._jobs:  # every waiting request was cancelled meanwhile
                 continue
             batch, owners = self._take()
@@ -259,7 +294,7 @@ class DynamicBatcher(Generic[I, O]):
             else 0.8 * self._seconds_per_input + 0.2 * per_input
         )
         if self._on_batch is not None:
-            self._on_batch(size, seconds)
+            self._on_batch(size, seconds, self.last_wait)
 
     def _set_queued(self, value: int) -> None:
         self._queued = value

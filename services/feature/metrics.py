@@ -22,6 +22,12 @@ BATCH_SIZE = Histogram(
     ["modality"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+BATCH_WAIT = Counter(
+    "feature_batch_wait_seconds",
+    "Seconds forward passes were held back for inputs admitted and still being prepared (up to "
+    "max_wait_ms), by modality; 0 for a lone request and for inputs queued during a pass.",
+    ["modality"],
+)
 QUEUE_DEPTH = Gauge(
     "feature_queue_depth",
     "Inputs waiting for a forward pass, by modality.",
@@ -40,7 +46,8 @@ ERRORS = Counter(
 )
 
 
-def observe_batch(modality: str, size: int, seconds: float) -> None:
+def observe_batch(modality: str, size: int, seconds: float, waited: float = 0.0) -> None:
     INFERENCE_MS.set(seconds * 1000)
+    BATCH_WAIT.labels(modality).inc(waited)
     INFERENCE_SECONDS.labels(modality).observe(seconds)
     BATCH_SIZE.labels(modality).observe(size)

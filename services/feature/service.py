@@ -61,7 +61,7 @@ class FeatureService:
             max_batch_size=self.settings.max_batch_size,
             max_wait_ms=self.settings.max_wait_ms,
             max_queue=self.settings.max_queue,
-            on_batch=lambda size, seconds: observe_batch(modality, size, seconds),
+            on_batch=lambda size, seconds, waited: observe_batch(modality, size, seconds, waited),
             on_depth=QUEUE_DEPTH.labels(modality).set,
         )
 

@@ -89,14 +89,37 @@ def test_batches_never_exceed_the_maximum_and_requests_stay_whole(
 def test_a_lone_request_does_not_wait(executor: ThreadPoolExecutor) -> None:
     model = FakeModel()
 
-    async def scenario(batcher: DynamicBatcher[Any, Any]) -> float:
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> tuple[float, float]:
         started = time.perf_counter()
         with batcher.reserve(1):
             assert await batcher.submit(["a"]) == ["aa"]
-        return time.perf_counter() - started
+        return time.perf_counter() - started, batcher.last_wait
 
-    # Nothing else is admitted, so nothing is worth waiting for, however long max_wait is.
-    assert run(model, executor, scenario, max_wait_ms=5_000.0) < 1.0
+    # Nothing else is admitted, so nothing is worth waiting for, however long max_wait is: the
+    # pass leaves at once (10 s would be waited out under a wait-for-company policy, on any
+    # machine), and the batcher records no wait at all.
+    elapsed, waited = run(model, executor, scenario, max_wait_ms=10_000.0)
+    assert elapsed < 5.0
+    assert waited == 0.0
+    assert model.batches == [["a"]]
+
+
+def test_one_client_after_another_never_waits(executor: ThreadPoolExecutor) -> None:
+    """A single client's requests, one after another (what one searcher sends)."""
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> tuple[float, list[float]]:
+        waits = []
+        started = time.perf_counter()
+        for i in range(5):
+            with batcher.reserve(1):
+                assert await batcher.submit([i]) == [i * 2]
+            waits.append(batcher.last_wait)
+        return time.perf_counter() - started, waits
+
+    elapsed, waits = run(model, executor, scenario, max_wait_ms=10_000.0)
+    assert elapsed < 5.0 and waits == [0.0] * 5
+    assert model.batches == [[i] for i in range(5)]
 
 
 def test_inputs_still_being_prepared_are_waited_for(executor: ThreadPoolExecutor) -> None:
@@ -111,6 +134,23 @@ def test_inputs_still_being_prepared_are_waited_for(executor: ThreadPoolExecutor
         return await asyncio.gather(request("a", 0.0), request("b", 0.05))
 
     assert run(model, executor, scenario, max_wait_ms=2_000.0) == [["aa"], ["bb"]]
+    assert model.batches == [["a", "b"]]
+
+
+def test_the_recorded_wait_is_the_wait_for_company(executor: ThreadPoolExecutor) -> None:
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> float:
+        async def request(item: str, preparing: float) -> list[Any]:
+            with batcher.reserve(1):
+                await asyncio.sleep(preparing)
+                return await batcher.submit([item])
+
+        await asyncio.gather(request("a", 0.0), request("b", 0.1))
+        return batcher.last_wait
+
+    # "a" waited for "b" (admitted, then 0.1 s of preparation) and no longer than max_wait.
+    assert 0.05 <= run(model, executor, scenario, max_wait_ms=2_000.0) < 2.0
     assert model.batches == [["a", "b"]]
 
 
@@ -153,6 +193,55 @@ def test_inputs_arriving_during_a_pass_leave_together(executor: ThreadPoolExecut
 
     assert run(model, executor, scenario, max_wait_ms=0.0) == [[i * 2] for i in range(6)]
     assert model.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+def test_inputs_that_queued_during_a_pass_leave_when_it_ends(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """They have waited already: the next pass takes them at once, however long max_wait is,
+    and they all share it."""
+    model = FakeModel()
+    model.release.clear()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> tuple[list[Any], float, float]:
+        async def request(i: int) -> list[Any]:
+            with batcher.reserve(1):
+                return await batcher.submit([i])
+
+        first = asyncio.ensure_future(request(0))
+        await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 5)
+        rest = [asyncio.ensure_future(request(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        model.release.set()
+        released = time.perf_counter()
+        results = await asyncio.gather(first, *rest)
+        return results, time.perf_counter() - released, batcher.last_wait
+
+    results, after_release, waited = run(model, executor, scenario, max_wait_ms=10_000.0)
+    assert results == [[i * 2] for i in range(6)]
+    assert model.batches == [[0], [1, 2, 3, 4, 5]]
+    assert after_release < 5.0 and waited == 0.0
+
+
+def test_a_request_answered_but_still_reserved_is_not_waited_for(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Between its answer and the end of its ``reserve`` block a request is admitted and
+    unanswered, yet nothing more of it will arrive: the next request must not wait for it."""
+    model = FakeModel()
+
+    async def scenario(batcher: DynamicBatcher[Any, Any]) -> tuple[float, float]:
+        with batcher.reserve(1):
+            assert await batcher.submit(["a"]) == ["aa"]
+            # "a" is answered and still inside its reservation when "b" comes.
+            started = time.perf_counter()
+            with batcher.reserve(1):
+                assert await batcher.submit(["b"]) == ["bb"]
+            return time.perf_counter() - started, batcher.last_wait
+
+    elapsed, waited = run(model, executor, scenario, max_wait_ms=10_000.0)
+    assert waited == 0.0
+    assert elapsed < 5.0
 
 
 def test_a_failing_input_fails_only_its_request(executor: ThreadPoolExecutor) -> None:
