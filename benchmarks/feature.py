@@ -3,6 +3,7 @@
     python -m benchmarks.feature              # the full CPU run (make bench-feature); minutes
     python -m benchmarks.feature --quick      # a smoke run on a tiny model; seconds
     python -m benchmarks.feature --device cuda  # on a CUDA machine: fp16, JPEG decoded on the GPU
+    python -m benchmarks.feature --text-towers  # each text tower in process, per runtime; ~2 min
 
 For each model (ViT-B/32 with random weights, built offline from CLIPConfig's defaults, and the
 emoji demo model that `make run` serves) it measures, in the same run:
@@ -225,6 +226,7 @@ def run_baseline(
     device: str,
     threads: int,
     seconds: float,
+    modalities: Sequence[str] = ("image", "text"),
 ) -> tuple[Point, Point, dict[str, Any]]:
     """One request at a time, in process, as the tutorial does it. Returns the image and text
     points and the first vectors (to check the service computes the same thing)."""
@@ -259,6 +261,9 @@ def run_baseline(
     points = []
     for modality, inputs, embed in (("image", photos, embed_image), ("text", texts, embed_text)):
         point = Point(label, "baseline: tutorial loop", modality, 1)
+        if modality not in modalities:
+            points.append(point)
+            continue
         started = time.perf_counter()
         while time.perf_counter() - started < seconds or point.inputs < 3:
             t0 = time.perf_counter()
@@ -341,6 +346,15 @@ class Server:
             )
             values[suffix] = float(match.group(1)) if match else 0.0
         return values["sum"], values["count"]
+
+    def waited(self, modality: str) -> float:
+        """Seconds passes were held back for company so far (feature_batch_wait_seconds)."""
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        pattern = rf'^feature_batch_wait_seconds_total\{{modality="{modality}"\}} (\S+)$'
+        match = re.search(pattern, text, re.M)
+        return float(match.group(1)) if match else 0.0
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -542,6 +556,8 @@ def bench_service(
             ("image", photos, args.images_per_request),
             ("text", texts, args.texts_per_request),
         ):
+            if modality not in args.modalities:
+                continue
             for clients in args.clients:
                 # Warm-up at this concurrency (thread pools, allocator, kernels for new shapes).
                 run_load(
@@ -553,7 +569,7 @@ def bench_service(
                     seconds=args.warmup,
                     procs=args.client_procs,
                 )
-                before = server.batches(modality)
+                before, waited = server.batches(modality), server.waited(modality)
                 latencies, done, errors, last = run_load(
                     server.url,
                     modality,
@@ -565,6 +581,7 @@ def bench_service(
                 )
                 after = server.batches(modality)
                 passes = after[1] - before[1]
+                waited = server.waited(modality) - waited
                 points.append(
                     Point(
                         label,
@@ -579,12 +596,175 @@ def bench_service(
                     )
                 )
                 print(
-                    f"  {label} {runtime} {modality} x{clients}: {points[-1].rate:.1f}/s",
+                    f"  {label} {runtime} {modality} x{clients}: {points[-1].rate:.1f}/s, p50 "
+                    f"{points[-1].percentile(50) * 1000:.1f} ms, held back for company "
+                    f"{waited * 1000 / max(passes, 1):.2f} ms a pass",
                     file=sys.stderr,
                 )
     finally:
         server.stop()
     return points, {"min_cosine_vs_baseline": min(cosines), **info}
+
+
+# --- the text towers in process (--text-towers) ----------------------------------------------
+
+# What a search sends: one short text, a few tokens.
+SHORT_QUERIES = (
+    "red heart", "smiling face", "a cat", "dog", "pizza slice", "birthday cake", "fire",
+    "thumbs up", "crying face", "sun with face", "full moon", "rocket", "green apple",
+    "a red car", "police car", "ice cream", "coffee", "beer mugs", "soccer ball", "guitar",
+    "rainbow", "snowman", "christmas tree", "ghost", "skull", "money bag", "light bulb",
+    "lock and key", "airplane", "ship", "house with garden", "mountain", "ocean wave",
+    "a yellow star", "blue circle", "person running", "waving hand", "clapping hands",
+    "party popper", "a sleeping face", "angry face", "face with tears of joy", "a flag",
+    "two dogs playing in the snow", "a cup of hot tea", "cherry blossom", "rose", "tiger",
+    "penguin", "a frog on a leaf",
+)  # fmt: skip
+
+
+def _onnx_text_files(source: Path) -> tuple[Path, Path]:
+    """(an ONNX export of ``source`` whose text tower is float32, its text tower in int8). The
+    int8 file is quantised here even where the export keeps fp32 text for want of parity: it is
+    measured, not served."""
+    from services.feature.int8 import quantize_int8
+    from services.feature.model import default_model_id
+    from services.feature.onnx_runtime import read_manifest, tower_file
+
+    model_id = default_model_id(str(source))
+    export = next(
+        (
+            out
+            for out in (source.with_name(source.name + s) for s in ("-onnx", "-onnx-int8"))
+            if (out / tower_file("text")).is_file() and read_manifest(out)["model_id"] == model_id
+        ),
+        None,
+    ) or onnx_export(source)
+    int8 = export / tower_file("text", "int8")
+    if not int8.is_file():
+        int8 = BENCH_DIR / "text-int8" / f"{model_id}.text.int8.onnx"
+        if not int8.is_file():
+            int8.parent.mkdir(parents=True, exist_ok=True)
+            quantize_int8(export / tower_file("text"), int8)
+    return export, int8
+
+
+def bench_text_towers(args: argparse.Namespace) -> str:
+    """Per model, each text runtime (torch fp32, torch-bf16 autocast, onnx fp32, onnx int8) at
+    batch 1 and 8 with 1 and 2 threads, through ``embed_texts`` (tokenising included), in
+    rounds that alternate the variants; and each runtime's parity against torch fp32."""
+    perf: list[str] = []
+    parity: list[str] = []
+    for name in args.models:
+        rows = _text_tower_rows(name, args)
+        perf += rows[0]
+        parity += rows[1]
+    env = machine()
+    queries = SHORT_QUERIES
+    return "\n".join(
+        [
+            "## Text towers, in process",
+            "",
+            "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",
+            f"embed_texts (tokenising included) on {len(queries)} short queries; "
+            f"{args.rounds} rounds alternating the variants, {args.seconds:g} s each: "
+            "median of the rounds' medians (min-max over rounds).",
+            "",
+            "| model | runtime | batch | threads | ms per text | CPU ms per text | x torch fp32 |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *perf,
+            "",
+            "Parity against torch fp32 (min cosine; queries one at a time and in batches of 8):",
+            "",
+            "| model | runtime | parity probe | 50 queries | >= 0.999 |",
+            "|---|---|---:|---:|---|",
+            *parity,
+            "",
+        ]
+    )
+
+
+def _text_tower_rows(name: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    import numpy as np
+    import torch
+
+    from services.feature.model import TransformersEmbedder, cpu_supports_bf16
+    from services.feature.onnx_runtime import OnnxEmbedder, _session
+    from services.feature.parity import Probe
+
+    queries = list(SHORT_QUERIES)
+    probe_texts = Probe.inputs().texts
+    perf: list[str] = []
+    parity: list[str] = []
+    path = model_dir(name)
+    label = MODEL_NAMES.get(name, name)
+    print(f"{label}: text towers", file=sys.stderr)
+    torch_embedder = TransformersEmbedder.load(str(path), device="cpu", runtime="torch")
+    export, int8 = _onnx_text_files(path)
+    onnx_embedder = OnnxEmbedder.load(str(export), device="cpu", threads=2)
+    sessions = {
+        (kind, n): _session(export / "text.onnx" if kind == "fp32" else int8, "cpu", n)
+        for kind in ("fp32", "int8")
+        for n in (1, 2)
+    }
+
+    def use(runtime: str, threads: int) -> Any:
+        torch.set_num_threads(threads)
+        if runtime.startswith("torch"):
+            torch_embedder._autocast = {"text"} if runtime == "torch-bf16" else set()
+            return torch_embedder
+        onnx_embedder._sessions["text"] = sessions[(runtime.split()[-1], threads)]
+        return onnx_embedder
+
+    runtimes = ["torch fp32", "torch-bf16", "onnx fp32", "onnx int8"]
+    if not cpu_supports_bf16():
+        runtimes.remove("torch-bf16")  # emulated: slower than fp32, and refused at start
+    # Parity against torch fp32, one text at a time and in batches of 8.
+    reference = use("torch fp32", 2)
+    expected = reference.embed_texts(probe_texts + queries).vectors
+    for runtime in runtimes:
+        embedder = use(runtime, 2)
+        alone = np.concatenate([embedder.embed_texts([t]).vectors for t in probe_texts])
+        ones = np.concatenate([embedder.embed_texts([t]).vectors for t in queries])
+        eights = np.concatenate(
+            [embedder.embed_texts(queries[i : i + 8]).vectors for i in range(0, len(queries), 8)]
+        )
+        cos_probe = float(np.min(np.sum(alone * expected[: len(probe_texts)], axis=1)))
+        got = np.concatenate([ones, eights])
+        want = np.concatenate([expected[len(probe_texts) :]] * 2)
+        cos_queries = float(np.min(np.sum(got * want, axis=1)))
+        verdict = "yes" if min(cos_probe, cos_queries) >= 0.999 else "**no**"
+        parity.append(f"| {label} | {runtime} | {cos_probe:.5f} | {cos_queries:.5f} | {verdict} |")
+    # Speed: every round runs each cell once, starting at a different cell.
+    cells = [(r, b, n) for r in runtimes for b in (1, 8) for n in (1, 2)]
+    walls: dict[Any, list[float]] = {cell: [] for cell in cells}
+    cpus: dict[Any, list[float]] = {cell: [] for cell in cells}
+    for round_ in range(args.rounds):
+        for cell in cells[round_ % len(cells) :] + cells[: round_ % len(cells)]:
+            runtime, batch, threads = cell
+            embedder = use(runtime, threads)
+            embedder.embed_texts(queries[:batch])  # this shape's kernels, this thread count
+            times, k = [], 0
+            cpu0, started = time.process_time(), time.perf_counter()
+            while time.perf_counter() - started < args.seconds or len(times) < 3:
+                texts = [queries[(k + j) % len(queries)] for j in range(batch)]
+                t0 = time.perf_counter()
+                embedder.embed_texts(texts)
+                times.append(time.perf_counter() - t0)
+                k += batch
+            walls[cell].append(statistics.median(times) / batch)
+            cpus[cell].append((time.process_time() - cpu0) / (len(times) * batch))
+    base = {(b, n): statistics.median(walls[("torch fp32", b, n)]) for b in (1, 8) for n in (1, 2)}
+    for cell in cells:
+        runtime, batch, threads = cell
+        wall, cpu = walls[cell], cpus[cell]
+        perf.append(
+            f"| {label} | {runtime} | {batch} | {threads} | "
+            f"{statistics.median(wall) * 1000:.2f} ({min(wall) * 1000:.2f}-"
+            f"{max(wall) * 1000:.2f}) | {statistics.median(cpu) * 1000:.2f} "
+            f"({min(cpu) * 1000:.2f}-{max(cpu) * 1000:.2f}) | "
+            f"{base[(batch, threads)] / statistics.median(wall):.2f}x |"
+        )
+    return perf, parity
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -651,6 +831,8 @@ def render_markdown(
         "",
     ]
     for modality, unit in (("image", "images/s"), ("text", "texts/s")):
+        if not any(p.modality == modality for p in points):
+            continue
         lines += [
             f"### {modality.capitalize()}s",
             "",
@@ -666,7 +848,7 @@ def render_markdown(
                 errors = f" ({p.errors} errors)" if p.errors else ""
                 lines.append(
                     f"| {model} | {p.runtime}{errors} | {p.clients} | {p.rate:.1f} | "
-                    f"{p.percentile(50) * 1000:.0f} | {p.percentile(99) * 1000:.0f} | {batch} | "
+                    f"{p.percentile(50) * 1000:.1f} | {p.percentile(99) * 1000:.0f} | {batch} | "
                     f"{ratio:.1f}x |"
                 )
         lines.append("")
@@ -738,9 +920,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--images-per-request", type=int, help="cpu 1, cuda 32")
     parser.add_argument("--texts-per-request", type=int, default=1)
+    parser.add_argument(
+        "--modalities", type=_csv, default=["image", "text"], help="image,text (default both)"
+    )
     parser.add_argument("--image-size", type=lambda v: tuple(int(x) for x in v.split("x")))
     parser.add_argument("--client-procs", type=int, help="load generator processes (cuda 4)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument(
+        "--text-towers",
+        action="store_true",
+        help="time each model's text tower in process per runtime, batch and thread count",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="--text-towers: rounds")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     defaults: dict[str, Any] = {
@@ -760,6 +951,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             models=["tiny"], runtimes=["torch"], clients=[1, 4], seconds=1.0, warmup=0.3,
             image_size=(320, 240),
         )  # fmt: skip
+    if args.text_towers:
+        defaults.update(models=["emoji", "vit-b32"], seconds=0.3)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -778,6 +971,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     started = time.perf_counter()
+    if args.text_towers:
+        report = bench_text_towers(args)
+        print(report)
+        if args.out:
+            args.out.write_text(report, encoding="utf-8")
+        print(f"done in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        return 0
     photos = synthetic_photos(8 if args.quick else 32, args.image_size)
     texts = captions(32)
     print(
@@ -798,8 +998,9 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             threads=args.threads,
             seconds=max(args.seconds, 1.0),
+            modalities=args.modalities,
         )
-        points += [image_base, text_base]
+        points += [p for p in (image_base, text_base) if p.modality in args.modalities]
         for runtime in args.runtimes:
             print(f"{label}: service, runtime {runtime}", file=sys.stderr)
             try:
