@@ -16,7 +16,7 @@ from functools import partial
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, File, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,8 @@ from services.feature.model import Embedder, load_embedder
 from services.feature.service import FeatureService
 from services.feature.settings import FeatureSettings
 from shared.app import build_app
+from shared.contracts.feature import ImageEmbeddings, TextEmbeddingRequest, TextEmbeddings
+from shared.contracts.vectors import VectorEncoding
 from shared.problems import ProblemError, ServiceUnavailable, Unprocessable
 
 _READ_CHUNK = 1024 * 1024
@@ -53,25 +55,6 @@ async def _state(request: Request) -> FeatureState:
 
 
 State = Annotated[FeatureState, Depends(_state)]
-
-
-class TextRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    texts: list[str] = Field(min_length=1, description="1 to max_texts (256) non-blank strings")
-
-
-class TextEmbeddingResponse(BaseModel):
-    model_id: str
-    dim: int
-    vectors: list[list[float]]
-    truncated: list[bool] = Field(description="whether each text was cut to the model's length")
-
-
-class ImageEmbeddingResponse(BaseModel):
-    model_id: str
-    dim: int
-    vectors: list[list[float]]
 
 
 class ModelInfo(BaseModel):
@@ -192,8 +175,8 @@ def create_app(
     )
     _count_errors(app)
 
-    @app.post("/embed/text", response_model=TextEmbeddingResponse)
-    async def embed_text(state: State, body: TextRequest) -> TextEmbeddingResponse:
+    @app.post("/embed/text", response_model=TextEmbeddings, response_model_exclude_none=True)
+    async def embed_text(state: State, body: TextEmbeddingRequest) -> TextEmbeddings:
         service = state.ready_service()
         if len(body.texts) > settings.max_texts:
             raise Unprocessable(
@@ -220,18 +203,16 @@ def create_app(
             result = await service.embed_texts(body.texts)
         except Overloaded as exc:
             raise _overloaded(exc) from None
-        return TextEmbeddingResponse(
-            model_id=service.embedder.model_id,
-            dim=service.embedder.dim,
-            vectors=result.vectors.tolist(),
-            truncated=result.truncated,
+        return TextEmbeddings.of(
+            service.embedder.model_id, result.vectors, body.encoding, truncated=result.truncated
         )
 
-    @app.post("/embed/image", response_model=ImageEmbeddingResponse)
+    @app.post("/embed/image", response_model=ImageEmbeddings, response_model_exclude_none=True)
     async def embed_image(
         state: State,
         images: Annotated[list[UploadFile], File(description="one or more image files")],
-    ) -> ImageEmbeddingResponse:
+        encoding: Annotated[VectorEncoding, Form(description="json or base64")] = "json",
+    ) -> ImageEmbeddings:
         service = state.ready_service()
         if len(images) > settings.max_batch:
             raise Unprocessable(
@@ -247,9 +228,7 @@ def create_app(
             vectors = await service.embed_image_bytes(blobs, names)
         except Overloaded as exc:
             raise _overloaded(exc) from None
-        return ImageEmbeddingResponse(
-            model_id=service.embedder.model_id, dim=service.embedder.dim, vectors=vectors.tolist()
-        )
+        return ImageEmbeddings.of(service.embedder.model_id, vectors, encoding)
 
     @app.get("/model", response_model=ModelInfo)
     async def model_info(state: State) -> ModelInfo:

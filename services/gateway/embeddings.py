@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import struct
 import time
 import unicodedata
 from collections.abc import Callable
 
+import numpy as np
 from prometheus_client import Counter
 
 from shared.http import ServiceClient
@@ -107,16 +107,17 @@ class EmbeddingCache:
         return self.key(model_id, kind, digest)
 
     @staticmethod
-    def decode(raw: bytes | None) -> list[float] | None:
+    def decode(raw: bytes | None) -> np.ndarray | None:
         """The vector stored by ``entry``; None (a miss) for nothing or a damaged value."""
         EMBEDDING_CACHE_REQUESTS.labels("miss" if raw is None else "hit").inc()
-        if raw is None or len(raw) % 4:
+        if not raw or len(raw) % 4:
             return None
         # float32 little-endian: exact for vectors the feature service computed in float32.
-        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
     def entry(
-        self, model_id: str, kind: str, digest: str, vector: list[float]
+        self, model_id: str, kind: str, digest: str, vector: np.ndarray
     ) -> tuple[str, bytes, int]:
         """(key, value, ttl) that stores ``vector`` for later ``lookup_key`` reads."""
-        return self.key(model_id, kind, digest), struct.pack(f"<{len(vector)}f", *vector), self.ttl
+        value = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+        return self.key(model_id, kind, digest), value, self.ttl

@@ -10,10 +10,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_text, text_digest
 from services.gateway.fusion import fuse_hits
 from services.gateway.schemas import Filters, SearchMode, Target
+from shared.contracts.feature import ImageEmbeddings, TextEmbeddingRequest, TextEmbeddings
+from shared.contracts.vectors import encode_vectors
 from shared.http import ServiceClient
 from shared.problems import ProblemError, ServiceUnavailable
 
@@ -24,7 +28,7 @@ HYBRID_CANDIDATES = 100
 # Ids per retrieval delete call when a whole collection goes (retrieval's max_batch).
 _DELETE_CHUNK = 4096
 
-Embed = Callable[[], Awaitable[tuple[list[float], str]]]
+Embed = Callable[[], Awaitable[tuple[np.ndarray, str]]]
 
 
 @dataclass
@@ -68,7 +72,7 @@ class QueryEmbedding:
         self,
         kind: str,
         digest: str,
-        compute: Callable[[], Awaitable[tuple[list[float], str]]],
+        compute: Callable[[], Awaitable[tuple[np.ndarray, str]]],
         embeddings: EmbeddingCache | None,
         models: ModelIdCache | None,
     ) -> None:
@@ -83,7 +87,7 @@ class QueryEmbedding:
         self.key = (
             embeddings.lookup_key(self._model_id, kind, digest) if embeddings is not None else None
         )
-        self._vector: tuple[list[float], str] | None = None
+        self._vector: tuple[np.ndarray, str] | None = None
         self._computed = False
 
     def found(self, raw: bytes | None) -> None:
@@ -94,7 +98,7 @@ class QueryEmbedding:
         if vector is not None:
             self._vector = (vector, self._model_id)
 
-    async def __call__(self) -> tuple[list[float], str]:
+    async def __call__(self) -> tuple[np.ndarray, str]:
         if self._vector is None:
             vector, model_id = await self._compute()
             if self._models is not None:
@@ -140,12 +144,9 @@ class Orchestrator:
         query = normalise_text(query)
         cache_parts = {"text": query, "mode": mode}
 
-        async def compute() -> tuple[list[float], str]:
-            response = await self.backends.feature.request(
-                "POST", "/embed/text", json={"texts": [query]}, retry=True
-            )
-            body = response.json()
-            return body["vectors"][0], body["model_id"]
+        async def compute() -> tuple[np.ndarray, str]:
+            vectors, model_id = await self._embed_texts([query])
+            return vectors[0], model_id
 
         embed = (
             None
@@ -173,7 +174,7 @@ class Orchestrator:
         # Keyed by the bytes' hash, never by the uploaded file's name.
         cache_parts = {"image_sha256": image.sha256}
 
-        async def compute() -> tuple[list[float], str]:
+        async def compute() -> tuple[np.ndarray, str]:
             vectors, model_id = await self._embed_images([image])
             return vectors[0], model_id
 
@@ -185,7 +186,7 @@ class Orchestrator:
         return await self._search(cache_parts, rank, embed, target, top_k, collection, filters)
 
     def _query_embedding(
-        self, kind: str, digest: str, compute: Callable[[], Awaitable[tuple[list[float], str]]]
+        self, kind: str, digest: str, compute: Callable[[], Awaitable[tuple[np.ndarray, str]]]
     ) -> QueryEmbedding:
         return QueryEmbedding(kind, digest, compute, self.embeddings, self.models)
 
@@ -247,7 +248,7 @@ class Orchestrator:
             f"/collections/{collection}/search",
             json={
                 "modality": target,
-                "vectors": [vector],
+                "vectors_base64": encode_vectors(vector[np.newaxis]),
                 "top_k": top_k,
                 "allow_ids": allow_ids,
                 "model_id": model_id,
@@ -297,15 +298,24 @@ class Orchestrator:
             )
         return results
 
-    async def _embed_images(self, images: list[Upload]) -> tuple[list[list[float]], str]:
+    async def _embed_images(self, images: list[Upload]) -> tuple[np.ndarray, str]:
         response = await self.backends.feature.request(
             "POST",
             "/embed/image",
+            data={"encoding": "base64"},
             files=[("images", image.as_file()) for image in images],
             retry=True,
         )
-        body = response.json()
-        return body["vectors"], body["model_id"]
+        answer = ImageEmbeddings.model_validate_json(response.content)
+        return answer.matrix(), answer.model_id
+
+    async def _embed_texts(self, texts: list[str]) -> tuple[np.ndarray, str]:
+        request = TextEmbeddingRequest(texts=texts, encoding="base64")
+        response = await self.backends.feature.request(
+            "POST", "/embed/text", json=request.model_dump(), retry=True
+        )
+        answer = TextEmbeddings.model_validate_json(response.content)
+        return answer.matrix(), answer.model_id
 
     # -- items ----------------------------------------------------------------------------
 
@@ -325,14 +335,10 @@ class Orchestrator:
         # Embedding first: a corrupt image or a bad caption is refused before anything is stored.
         # The image and its captions at once: two forward passes the feature service can run
         # side by side (or merge with other requests'), not one after the other.
-        async def embed_captions() -> tuple[list[list[float]], str | None]:
+        async def embed_captions() -> tuple[np.ndarray | None, str | None]:
             if not captions:
-                return [], None
-            response = await self.backends.feature.request(
-                "POST", "/embed/text", json={"texts": captions}, retry=True
-            )
-            body = response.json()
-            return body["vectors"], body["model_id"]
+                return None, None
+            return await self._embed_texts(captions)
 
         image_task = asyncio.ensure_future(self._embed_images([image]))
         captions_task = asyncio.ensure_future(embed_captions())
@@ -359,7 +365,7 @@ class Orchestrator:
         caption_ids = [c["id"] for c in item["captions"]]
         try:
             await self._upsert(collection, "image", model_id, [item["id"]], image_vectors)
-            if caption_ids:
+            if caption_ids and caption_vectors is not None:
                 await self._upsert(collection, "text", model_id, caption_ids, caption_vectors)
             response = await self.backends.metadata.request(
                 "PATCH", f"/items/{item['id']}", json={"status": "indexed", "model_id": model_id}
@@ -376,13 +382,18 @@ class Orchestrator:
         modality: Target,
         model_id: str,
         ids: list[int],
-        vectors: list[list[float]],
+        vectors: np.ndarray,
     ) -> None:
         # Upserts are idempotent by id, so a retry after a lost answer is safe.
         await self.backends.retrieval.request(
             "POST",
             f"/collections/{collection}/upsert",
-            json={"modality": modality, "model_id": model_id, "ids": ids, "vectors": vectors},
+            json={
+                "modality": modality,
+                "model_id": model_id,
+                "ids": ids,
+                "vectors_base64": encode_vectors(vectors),
+            },
             retry=True,
         )
 

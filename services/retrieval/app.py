@@ -47,6 +47,7 @@ from services.retrieval.store import (
 )
 from shared.app import build_app
 from shared.collections import COLLECTION_NAME_PATTERN
+from shared.contracts.vectors import VectorDecodeError, decode_vectors
 from shared.problems import PayloadTooLarge, ServiceUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,18 @@ class CollectionSettings(BaseModel):
     index: IndexSettings | None = None
 
 
+_BASE64_DOC = (
+    "instead of vectors: float32 little-endian rows in base64 (shared/contracts/vectors.py), "
+    "what the services send among themselves"
+)
+
+
 class UpsertRequest(BaseModel):
     modality: Modality
     model_id: str = Field(min_length=1, max_length=256)
     ids: list[VectorId] = Field(min_length=1)
-    vectors: list[Vector] = Field(min_length=1)
+    vectors: list[Vector] | None = Field(None, min_length=1)
+    vectors_base64: str | None = Field(None, min_length=1, description=_BASE64_DOC)
     index: IndexSettings | None = Field(
         None,
         description="settings for the collection when this write creates it; ignored otherwise "
@@ -103,7 +111,8 @@ class UpsertRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_vector_per_id(self) -> UpsertRequest:
-        if len(self.ids) != len(self.vectors):
+        _one_encoding(self.vectors, self.vectors_base64)
+        if self.vectors is not None and len(self.ids) != len(self.vectors):
             raise ValueError(f"{len(self.ids)} ids but {len(self.vectors)} vectors")
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("ids must be unique within a request")
@@ -130,9 +139,15 @@ class DeleteResponse(BaseModel):
     deleted: int
 
 
+def _one_encoding(vectors: list[list[float]] | None, encoded: str | None) -> None:
+    if (vectors is None) == (encoded is None):
+        raise ValueError("give the vectors either as vectors or as vectors_base64")
+
+
 class SearchRequest(BaseModel):
     modality: Modality
-    vectors: list[Vector] = Field(min_length=1)
+    vectors: list[Vector] | None = Field(None, min_length=1)
+    vectors_base64: str | None = Field(None, min_length=1, description=_BASE64_DOC)
     top_k: int = Field(10, ge=1, le=1000)
     allow_ids: list[VectorId] | None = None
     model_id: str | None = None
@@ -140,6 +155,11 @@ class SearchRequest(BaseModel):
     nprobe: int | None = Field(None, ge=1, le=MAX_NPROBE)
     ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH)
     rescore_factor: int | None = Field(None, ge=1, le=MAX_RESCORE_FACTOR)
+
+    @model_validator(mode="after")
+    def _vectors_given_once(self) -> SearchRequest:
+        _one_encoding(self.vectors, self.vectors_base64)
+        return self
 
 
 class Hit(BaseModel):
@@ -229,6 +249,19 @@ def _json_request_body(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)  # nested models are in the components through other routes
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _request_matrix(
+    vectors: list[list[float]] | None, encoded: str | None, **shape: int
+) -> np.ndarray:
+    """The request's vectors as a float32 matrix; base64 rows are shaped by ``dim`` or ``rows``."""
+    if encoded is None:
+        assert vectors is not None  # the request models require one of the two
+        return _matrix(vectors)
+    try:
+        return decode_vectors(encoded, **shape)
+    except VectorDecodeError as exc:
+        raise Unprocessable(str(exc), code="invalid_vectors") from None
 
 
 def _matrix(rows: list[list[float]]) -> np.ndarray:
@@ -357,7 +390,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
 
         def work() -> tuple[Collection, int]:
             use_threads(threads)
-            vectors = _matrix(body.vectors)
+            vectors = _request_matrix(body.vectors, body.vectors_base64, rows=len(body.ids))
             spec = body.index.apply_to(store.default_spec) if body.index is not None else None
             target = store.get_or_create(collection, body.model_id, vectors.shape[1], spec)
             ids = np.asarray(body.ids, dtype=np.int64)
@@ -399,14 +432,20 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         body: Annotated[SearchRequest, Depends(_json_body(SearchRequest))],
         store: StoreDep,
     ) -> Response:
-        check_batch(len(body.vectors))
         target = store.get(collection)
+        target.check_model(body.model_id)  # a model mismatch says more than a dimension one
+        # Base64 rows are only copied out of the text: cheap enough for the event loop, and
+        # their count is known before any work. Float lists are converted in the worker.
+        encoded = None
+        if body.vectors_base64 is not None:
+            encoded = _request_matrix(None, body.vectors_base64, dim=target.dim)
+        count = len(encoded) if encoded is not None else len(body.vectors or ())
+        check_batch(count)
         depth = SearchDepth(body.nprobe, body.ef_search, body.rescore_factor)
 
         def work() -> list[list[tuple[int, float]]]:
             use_threads(threads)
-            target.check_model(body.model_id)  # a model mismatch says more than a dimension one
-            queries = _matrix(body.vectors)
+            queries = encoded if encoded is not None else _request_matrix(body.vectors, None)
             allow = None if body.allow_ids is None else np.asarray(body.allow_ids, np.int64)
             started = time.perf_counter()
             hits = target.search(
@@ -422,7 +461,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
 
         # Searches of one shape cost alike; filtered ones vary with the allow-list.
         kind = None
-        if len(body.vectors) == 1 and body.allow_ids is None:
+        if count == 1 and body.allow_ids is None:
             kind = (collection, body.modality, body.top_k, depth)
         results = await searches.run(kind, work)
         # Serialised here rather than through the response model: on this hot path FastAPI's

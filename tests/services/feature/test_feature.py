@@ -20,6 +20,7 @@ from services.feature.app import create_app
 from services.feature.images import decode_image
 from services.feature.model import ModelLoadError, TransformersEmbedder, default_model_id
 from services.feature.settings import FeatureSettings
+from shared.contracts.feature import ImageEmbeddings, TextEmbeddings
 
 MODEL_ID = "demo-tiny-clip"
 MAX_IMAGE_BYTES = 256 * 1024
@@ -202,6 +203,28 @@ def test_decompression_bomb_is_413(client: TestClient, size: tuple[int, int]) ->
     blob = png_header(*size)
     assert len(blob) < 200
     assert_problem(post_images(client, blob), 413, "image_too_large")
+
+
+def test_vectors_as_base64_are_the_same_float32_values(client: TestClient) -> None:
+    """What the services use among themselves: float32 rows in base64 instead of float lists,
+    the same numbers bit for bit (JSON's shortest repr of a float32 round-trips exactly)."""
+    texts = ["a red circle", "a blue star"]
+    body = client.post("/embed/text", json={"texts": texts, "encoding": "base64"}).json()
+    assert "vectors" not in body and body["truncated"] == [False, False]
+    parsed = TextEmbeddings.model_validate(body)
+    np.testing.assert_array_equal(parsed.matrix(), text_vectors(client, *texts))
+    blob = encode(render("red", "circle"))
+    files = [("images", ("a.png", blob, "image/png"))]
+    answer = client.post("/embed/image", files=files, data={"encoding": "base64"}).json()
+    assert "vectors" not in answer
+    decoded = ImageEmbeddings.model_validate(answer).matrix()
+    assert decoded.shape == (1, answer["dim"])
+    np.testing.assert_array_equal(decoded, image_vectors(client, blob))
+    assert_problem(
+        client.post("/embed/text", json={"texts": texts, "encoding": "hex"}),
+        422,
+        "validation_error",
+    )
 
 
 def test_image_request_validation(client: TestClient) -> None:

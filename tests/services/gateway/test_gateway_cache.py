@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
@@ -158,12 +158,14 @@ async def test_embeddings_round_trip_as_float32_with_the_page_round_trips(
 ) -> None:
     cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
     embeddings = EmbeddingCache(prefix=prefix, ttl_seconds=60)
-    vector = [struct.unpack("<f", struct.pack("<f", x))[0] for x in (0.1, -0.25, 0.3333)]
+    vector = np.array([0.1, -0.25, 0.3333], dtype=np.float32)
     key, value, ttl = embeddings.entry("model-a", "text", "d1", vector)
     await cache.save(None, b"", (key, value, ttl))  # no page to keep, the embedding still
     found = await cache.lookup(PARTS, also_get=key)
-    assert found.page is None and embeddings.decode(found.extra) == vector
+    assert found.page is None
+    np.testing.assert_array_equal(embeddings.decode(found.extra), vector)
     assert embeddings.decode(None) is None
+    assert embeddings.decode(b"\x00\x00\x80") is None  # not whole float32 values
     # Another model or kind: another key.
     assert key != embeddings.key("model-b", "text", "d1")
     assert key != embeddings.key("model-a", "image", "d1")
@@ -223,10 +225,10 @@ async def test_a_query_embedding_is_used_under_the_current_model_id_only() -> No
     embeddings = EmbeddingCache(prefix="p", ttl_seconds=60)
     computed = 0
 
-    async def compute() -> tuple[list[float], str]:
+    async def compute() -> tuple[np.ndarray, str]:
         nonlocal computed
         computed += 1
-        return [0.5, 0.25], "m1"
+        return np.array([0.5, 0.25], dtype=np.float32), "m1"
 
     def query() -> QueryEmbedding:
         return QueryEmbedding("text", "d", compute, embeddings, models)
@@ -234,12 +236,14 @@ async def test_a_query_embedding_is_used_under_the_current_model_id_only() -> No
     first = query()
     assert first.key == embeddings.key("m1", "text", "d")
     first.found(None)  # not cached yet
-    assert await first() == ([0.5, 0.25], "m1")
+    vector, model_id = await first()
+    assert (vector.tolist(), model_id) == ([0.5, 0.25], "m1")
     entry = first.entry()
     assert entry is not None and entry[0] == first.key
     second = query()
     second.found(entry[1])  # what the lookup read under the key
-    assert await second() == ([0.5, 0.25], "m1")
+    vector, model_id = await second()
+    assert (vector.tolist(), model_id) == ([0.5, 0.25], "m1")
     assert computed == 1 and second.entry() is None  # nothing new to write
     models.learn("m2")  # a new model: the old vector must not be used for it
     third = query()

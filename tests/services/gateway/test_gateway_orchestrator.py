@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from services.gateway.cache import ResultCache
 from services.gateway.orchestrator import Backends, Orchestrator, Upload
 from services.gateway.redis_guard import GuardedRedis
+from shared.contracts.vectors import decode_vectors
 from shared.http import ServiceClient
 from shared.problems import ServiceUnavailable
 
@@ -39,7 +40,8 @@ def _stubs(text_model_id: str = "m1") -> tuple[Backends, dict[str, Any]]:
     async def embed_text(request: Request) -> dict[str, Any]:
         seen["text_started"].set()
         texts = (await request.json())["texts"]
-        return {"model_id": text_model_id, "dim": 2, "vectors": [[0.0, 1.0]] * len(texts)}
+        rows = [[0.0, 1.0]] * len(texts)
+        return {"model_id": text_model_id, "dim": 2, "vectors": rows, "truncated": [False]}
 
     @metadata.post("/items", status_code=201)
     async def create_item() -> dict[str, Any]:
@@ -80,10 +82,11 @@ async def test_an_item_s_image_and_captions_are_embedded_at_once(
         IMAGE, collection="c", captions=["a red circle"], attributes=None
     )
     assert item["status"] == "indexed" and item["image_url"] == "/items/7/image"
-    assert [(u["modality"], u["ids"], u["vectors"]) for u in seen["upserts"]] == [
-        ("image", [7], [[1.0, 0.0]]),
-        ("text", [70], [[0.0, 1.0]]),
-    ]
+    # Vectors travel to retrieval as float32 rows in base64.
+    assert [
+        (u["modality"], u["ids"], decode_vectors(u["vectors_base64"], dim=2).tolist())
+        for u in seen["upserts"]
+    ] == [("image", [7], [[1.0, 0.0]]), ("text", [70], [[0.0, 1.0]])]
     await backends.aclose()
 
 

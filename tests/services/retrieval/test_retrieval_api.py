@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from services.retrieval import snapshots, wal
 from services.retrieval.app import create_app
 from services.retrieval.settings import RetrievalSettings
+from shared.contracts.vectors import encode_vectors
 
 MakeVectors = Callable[[int, int], np.ndarray]
 DIM = 8
@@ -100,6 +101,60 @@ def test_upsert_search_and_describe(client: TestClient, unit_vectors: MakeVector
         "rebuilding": False,
     }
     assert client.get("/collections").json() == {"collections": [described]}
+
+
+def test_vectors_as_base64_rows_search_like_float_lists(
+    client: TestClient, unit_vectors: MakeVectors
+) -> None:
+    vectors = unit_vectors(4, DIM)
+    response = client.post(
+        "/collections/photos/upsert",
+        json={
+            "modality": "image",
+            "model_id": MODEL,
+            "ids": [1, 2, 3, 4],
+            "vectors_base64": encode_vectors(vectors),
+        },
+    )
+    assert response.json() == {"upserted": 4, "count": 4}
+    queries = vectors[[2, 0]]
+    as_lists = search(client, "photos", queries).json()
+    body = {"modality": "image", "vectors_base64": encode_vectors(queries), "top_k": 3}
+    as_rows = client.post("/collections/photos/search", json=body)
+    assert as_rows.status_code == 200
+    assert as_rows.json() == as_lists
+    assert [hits[0]["id"] for hits in as_lists["results"]] == [3, 1]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"vectors_base64": "not base64!"},
+        {"vectors_base64": encode_vectors(np.ones((1, DIM + 1)))},  # not whole rows of DIM
+        {"vectors_base64": encode_vectors(np.full((1, DIM), np.nan))},
+    ],
+)
+def test_bad_base64_vectors_are_422(
+    client: TestClient, unit_vectors: MakeVectors, change: dict[str, Any]
+) -> None:
+    assert upsert(client, "photos", [1], unit_vectors(1, DIM)).status_code == 200
+    body = {"modality": "image", "top_k": 3, **change}
+    assert_problem(client.post("/collections/photos/search", json=body), 422, "invalid_vectors")
+    upsert_body = {"modality": "image", "model_id": MODEL, "ids": [5, 6], **change}
+    assert_problem(
+        client.post("/collections/photos/upsert", json=upsert_body), 422, "invalid_vectors"
+    )
+
+
+def test_vectors_are_given_once(client: TestClient, unit_vectors: MakeVectors) -> None:
+    rows = unit_vectors(1, DIM)
+    both = {"modality": "image", "vectors": rows.tolist(), "vectors_base64": encode_vectors(rows)}
+    assert_problem(client.post("/collections/p/search", json=both), 422, "validation_error")
+    assert_problem(
+        client.post("/collections/p/search", json={"modality": "image"}), 422, "validation_error"
+    )
+    upsert_both = {**both, "model_id": MODEL, "ids": [1]}
+    assert_problem(client.post("/collections/p/upsert", json=upsert_both), 422, "validation_error")
 
 
 def test_upsert_replaces_and_delete_removes(client: TestClient, unit_vectors: MakeVectors) -> None:
