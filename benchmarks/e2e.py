@@ -361,7 +361,13 @@ def stack_settings(args: argparse.Namespace, run_id: str) -> Settings:
     notes = [
         "rate limits: search:text, search:image and per-IP buckets set to rate 1,000,000/s, "
         "burst 1,000,000 (the limiter still runs: its Redis calls are measured)",
-        f"feature runtime {args.feature_runtime} (the baseline runs torch float32)",
+        f"feature runtime {args.feature_runtime}"
+        + (
+            " over the model's ONNX export (int8 where a tower keeps parity)"
+            if args.feature_runtime == "auto"
+            else ""
+        )
+        + " (the baseline runs torch float32)",
         f"service log level {args.log_level}",
         "search timeout and all other settings: the product defaults unless listed in env",
         "cache prefix per run and model; 'miss': a distinct query every request (texts from "
@@ -613,7 +619,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vectors", type=int, help="collection size (1,000,000; quick 2,000)")
     parser.add_argument("--index", default="auto", help="Faiss factory of the collection")
     parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--feature-runtime", default="torch", help="FEATURE_RUNTIME (torch)")
+    parser.add_argument(
+        "--feature-runtime",
+        default="auto",
+        help="FEATURE_RUNTIME; auto (default): the model's ONNX export with int8 towers where "
+        "they keep parity, as `make run` serves the demo; torch: the checkpoint in float32",
+    )
     parser.add_argument("--torch-threads", type=int, default=2, help="the baseline's (feature: 2)")
     parser.add_argument("--log-level", default="info", help="the services' (product: info)")
     parser.add_argument(
@@ -726,8 +737,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             info: dict[str, Any] = {}
             if "services" in args.systems:
+                served = path
+                if args.feature_runtime == "auto":
+                    # What `make run` does: serve the model's ONNX export (same model id).
+                    from crossmodal.demo.emoji_model import ensure_served_export
+
+                    served = ensure_served_export(path, path.with_name(f"{path.name}-served"))
                 new_rows, info = run_services(
-                    scenario, path, data_dir, args, scenario_settings, model_id, image, load
+                    scenario, served, data_dir, args, scenario_settings, model_id, image, load
                 )
                 rows += new_rows
             if "baseline" in args.systems:

@@ -168,11 +168,28 @@ Crossmodal Search is running: gateway on {gateway}
 """
 
 
-def run_stack(data_dir: Path, model: str | None, redis_url: str, no_demo: bool) -> None:
+def serve_demo_model(demo_dir: Path) -> Path:
+    """The emoji demo model, as its ONNX export when one can be made (the text path costs a
+    third), else as the PyTorch checkpoint."""
     from crossmodal.demo import ensure_emoji_model
+    from crossmodal.demo.emoji_model import ensure_served_export
 
+    checkpoint = ensure_emoji_model(demo_dir / "emoji-model")
+    try:
+        return ensure_served_export(checkpoint, demo_dir / "emoji-model-served")
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        err.print(
+            f"[yellow]serving the PyTorch checkpoint: the ONNX export failed: {exc}[/yellow]\n"
+            + detail.decode(errors="replace")[-2000:]
+        )
+        return checkpoint
+
+
+def run_stack(data_dir: Path, model: str | None, redis_url: str, no_demo: bool) -> None:
     data_dir = data_dir.resolve()
-    model = model or str(ensure_emoji_model(data_dir / "demo" / "emoji-model"))
+    if model is None:
+        model = str(serve_demo_model(data_dir / "demo"))
     redis_process = ensure_redis(redis_url, data_dir / "logs")
     stack = LocalStack(data_dir, model=model, redis_url=redis_url)
     interrupted = False

@@ -145,6 +145,8 @@ def export(
         "source": model_name,
         "architecture": type(model).__name__,
         "text_inputs": text_names,
+        # What was asked (--quantize) and what each tower kept (weights).
+        "quantize": quantize,
         "weights": {"text": "float32", "image": "float32"},
         "opset": OPSET,
         "torch": torch.__version__,

@@ -137,3 +137,37 @@ def test_write_collection(tmp_path: Path) -> None:
     assert entry["file"] == "red-circle.png"
     assert entry["captions"][0] == "a red circle"
     assert all((tmp_path / e["file"]).is_file() for e in manifest)
+
+
+def test_the_served_export_is_made_once_and_replaced_for_other_weights(
+    demo_model_dir: Path, tmp_path: Path
+) -> None:
+    """What `make run` serves: the demo model's ONNX export, made once and reused."""
+    from crossmodal.demo.emoji_model import ensure_served_export
+    from services.feature.model import ONNX_MANIFEST, default_model_id, resolve_runtime
+
+    out = tmp_path / "export"
+    assert ensure_served_export(demo_model_dir, out) == out
+    manifest_path = out / ONNX_MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    # The export's vectors carry the checkpoint's id: a collection indexed with either serves.
+    assert manifest["model_id"] == default_model_id(str(demo_model_dir))
+    assert manifest["weights"]["image"] == "int8"
+    assert resolve_runtime("auto", "cpu", str(out)) == "onnx"
+    assert not out.with_name("export.tmp").exists()
+    made = manifest_path.stat().st_mtime_ns
+    ensure_served_export(demo_model_dir, out)
+    assert manifest_path.stat().st_mtime_ns == made  # reused, not made again
+    # The export of other weights, or one made without int8, is replaced.
+    for stale in ({"model_id": "other-weights"}, {"quantize": None}):
+        manifest_path.write_text(json.dumps({**manifest, **stale}))
+        ensure_served_export(demo_model_dir, out)
+        remade = json.loads(manifest_path.read_text())
+        assert (remade["model_id"], remade["quantize"]) == (manifest["model_id"], "int8")
+    # A folder that is not an export is never deleted.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        ensure_served_export(demo_model_dir, foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
