@@ -601,19 +601,17 @@ def machine() -> dict[str, str]:
 # --- main -------------------------------------------------------------------------------------
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from benchmarks.feature import csv_list
+
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run (seconds per phase)")
-    parser.add_argument("--models", type=_csv, help="demo,vit-b32 (quick: demo)")
-    parser.add_argument("--clients", type=lambda v: [int(x) for x in _csv(v)], help="1,8,32,64")
-    parser.add_argument("--kinds", type=_csv, help="text,image")
-    parser.add_argument("--cache", type=_csv, help="miss,hit")
+    parser.add_argument("--models", type=csv_list, help="demo,vit-b32 (quick: demo)")
+    parser.add_argument("--clients", type=lambda v: [int(x) for x in csv_list(v)], help="1,8,32,64")
+    parser.add_argument("--kinds", type=csv_list, help="text,image")
+    parser.add_argument("--cache", type=csv_list, help="miss,hit")
     parser.add_argument("--seconds", type=float, help="measured seconds per phase (20)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each phase (3)")
     parser.add_argument("--vectors", type=int, help="collection size (1,000,000; quick 2,000)")
@@ -630,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the services (repeatable)"
     )
-    parser.add_argument("--systems", type=_csv, help="services,baseline (both)")
+    parser.add_argument("--systems", type=csv_list, help="services,baseline (both)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--ready-timeout", type=float, default=1800.0)
     parser.add_argument(

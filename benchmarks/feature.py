@@ -891,7 +891,8 @@ def render_markdown(
 # --- main -----------------------------------------------------------------------------------
 
 
-def _csv(value: str) -> list[str]:
+def csv_list(value: str) -> list[str]:
+    """A command-line list: comma-separated, blanks dropped."""
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -901,13 +902,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run on a tiny model")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--models", type=_csv, help="vit-b32,emoji (quick: tiny)")
+    parser.add_argument("--models", type=csv_list, help="vit-b32,emoji (quick: tiny)")
     parser.add_argument(
         "--runtimes",
-        type=_csv,
+        type=csv_list,
         help="service runtimes (cpu: torch,torch-bf16,onnx,onnx-int8; cuda: torch-fp16)",
     )
-    parser.add_argument("--clients", type=lambda v: [int(x) for x in _csv(v)], help="1,4,16")
+    parser.add_argument("--clients", type=lambda v: [int(x) for x in csv_list(v)], help="1,4,16")
     parser.add_argument("--seconds", type=float, help="measured seconds per point (default 15)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per point (default 3)")
     parser.add_argument(
@@ -921,7 +922,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images-per-request", type=int, help="cpu 1, cuda 32")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument(
-        "--modalities", type=_csv, default=["image", "text"], help="image,text (default both)"
+        "--modalities", type=csv_list, default=["image", "text"], help="image,text (default both)"
     )
     parser.add_argument("--image-size", type=lambda v: tuple(int(x) for x in v.split("x")))
     parser.add_argument("--client-procs", type=int, help="load generator processes (cuda 4)")
