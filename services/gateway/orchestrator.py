@@ -72,7 +72,7 @@ class QueryEmbedding:
         self,
         kind: str,
         digest: str,
-        compute: Callable[[], Awaitable[tuple[np.ndarray, str]]],
+        compute: Embed,
         embeddings: EmbeddingCache | None,
         models: ModelIdCache | None,
     ) -> None:
@@ -185,9 +185,7 @@ class Orchestrator:
 
         return await self._search(cache_parts, rank, embed, target, top_k, collection, filters)
 
-    def _query_embedding(
-        self, kind: str, digest: str, compute: Callable[[], Awaitable[tuple[np.ndarray, str]]]
-    ) -> QueryEmbedding:
+    def _query_embedding(self, kind: str, digest: str, compute: Embed) -> QueryEmbedding:
         return QueryEmbedding(kind, digest, compute, self.embeddings, self.models)
 
     async def _search(
