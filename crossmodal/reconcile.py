@@ -534,27 +534,6 @@ def _expected(items: Iterable[ItemInfo], modality: str, cutoff: datetime) -> Met
     return MetadataIds(frozenset(expected), frozenset(tolerated))
 
 
-def bump_cache_version(redis_url: str, prefix: str, collection: str) -> None:
-    """Make the gateway's cached search pages of ``collection`` unreachable, as a write through
-    the gateway does, since repairs bypass it: the pages are keyed by the collection's version
-    in ``<prefix>:version:<collection>``, which gets a new random value (a counter, as older
-    gateways keep, is incremented instead)."""
-    import secrets
-
-    import redis
-
-    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-    key = f"{prefix}:version:{collection}"
-    try:
-        current = client.get(key)
-        if current is not None and current.isdigit():
-            client.incr(key)
-        else:
-            client.set(key, secrets.token_hex(8))
-    finally:
-        client.close()
-
-
 # -- command line --------------------------------------------------------------------------------
 
 
@@ -613,7 +592,10 @@ def _run_once(args: argparse.Namespace) -> int:
                     summary["repair"] = asdict(repaired)
                     changed = repaired.reindexed or repaired.marked_failed
                     if args.redis_url and (changed or repaired.vectors_deleted):
-                        bump_cache_version(args.redis_url, args.cache_prefix, name)
+                        # The gateway's cache keys are the gateway's: its module bumps them.
+                        from services.gateway.cache import invalidate
+
+                        invalidate(args.redis_url, args.cache_prefix, name)
                     if repaired.errors:
                         status = 1
                 elif not report.clean:

@@ -70,6 +70,24 @@ class WindowedRatio:
         return sum(s[1] for s in self._slices) / lookups if lookups else math.nan
 
 
+def version_key(prefix: str, collection: str) -> str:
+    """Where a collection's write version lives; every cached page of it is keyed under it."""
+    return f"{prefix}:version:{collection}"
+
+
+def invalidate(redis_url: str, prefix: str, collection: str) -> None:
+    """What ``ResultCache.bump`` does, for a tool that changes a collection behind the
+    gateway's back (``crossmodal reconcile --repair``): a new random version, so every page
+    cached for the old one becomes unreachable. Synchronous, short timeouts."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.set(version_key(prefix, collection), secrets.token_hex(8))
+    finally:
+        client.close()
+
+
 @dataclass(frozen=True)
 class CacheLookup:
     """What one round trip to Redis found for a search."""
@@ -113,7 +131,7 @@ class ResultCache:
         CACHE_HIT_RATIO.set_function(self.ratio.value)
 
     def _version_key(self, collection: str) -> str:
-        return f"{self._prefix}:version:{collection}"
+        return version_key(self._prefix, collection)
 
     def _page_prefix(self, collection: str) -> str:
         return f"{self._prefix}:search:{collection}:"

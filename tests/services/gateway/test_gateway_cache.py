@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from services.gateway.cache import CacheLookup, ResultCache, WindowedRatio
+from services.gateway.cache import CacheLookup, ResultCache, WindowedRatio, invalidate
 from services.gateway.embeddings import (
     EmbeddingCache,
     ModelIdCache,
@@ -23,6 +23,7 @@ from services.gateway.embeddings import (
 from services.gateway.orchestrator import QueryEmbedding
 from services.gateway.redis_guard import GuardedRedis
 from shared.http import ServiceClient
+from tests.services.gateway.conftest import REDIS_URL
 
 pytestmark = pytest.mark.anyio
 
@@ -51,6 +52,20 @@ async def test_a_page_is_found_again_until_the_collection_is_written(
     after = await cache.lookup(PARTS)
     assert after.key is not None and after.key != found.key
     assert after.page is None
+
+
+async def test_a_tool_behind_the_gateway_s_back_invalidates_its_pages(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    """``crossmodal reconcile --repair`` changes collections without the gateway: it bumps the
+    version through the gateway's own module, and the cached pages become unreachable."""
+    cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
+    found = await cache.lookup(PARTS)
+    await cache.save(found.key, b'{"results":[]}')
+    assert (await cache.lookup(PARTS)).page is not None
+    invalidate(REDIS_URL, prefix, "c")
+    after = await cache.lookup(PARTS)
+    assert after.page is None and after.key != found.key
 
 
 async def test_every_key_part_matters(guarded: GuardedRedis, prefix: str) -> None:
