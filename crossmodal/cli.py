@@ -702,7 +702,8 @@ def reconcile(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Find drift between metadata and retrieval (an operator tool: internal service URLs)."""
-    from crossmodal.reconcile import ReconcileError, Reconciler, bump_cache_version
+    from crossmodal.reconcile import ReconcileError, Reconciler
+    from services.gateway.cache import invalidate
 
     timeout = httpx.Timeout(60.0, connect=5.0)
     with (
@@ -725,7 +726,7 @@ def reconcile(
             "errors": repaired.errors,
         }
         if redis_url and (repaired.reindexed or repaired.marked_failed or repaired.vectors_deleted):
-            bump_cache_version(redis_url, cache_prefix, collection)
+            invalidate(redis_url, cache_prefix, collection)
     if as_json:
         out.print_json(data=summary)
     else:
