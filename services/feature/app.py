@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
 
 from services.feature.batcher import Overloaded
 from services.feature.images import too_large
@@ -27,7 +26,12 @@ from services.feature.model import Embedder, load_embedder
 from services.feature.service import FeatureService
 from services.feature.settings import FeatureSettings
 from shared.app import build_app
-from shared.contracts.feature import ImageEmbeddings, TextEmbeddingRequest, TextEmbeddings
+from shared.contracts.feature import (
+    ImageEmbeddings,
+    ModelInfo,
+    TextEmbeddingRequest,
+    TextEmbeddings,
+)
 from shared.contracts.vectors import VectorEncoding
 from shared.problems import ProblemError, ServiceUnavailable, Unprocessable
 
@@ -55,28 +59,6 @@ async def _state(request: Request) -> FeatureState:
 
 
 State = Annotated[FeatureState, Depends(_state)]
-
-
-class ModelInfo(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    model_id: str
-    dim: int
-    image_size: int
-    max_text_tokens: int
-    device: str
-    dtype: str = Field(
-        description="the compute precision: float32, bfloat16, float16 or int8, or one per tower "
-        "where they differ, e.g. 'int8 (image), float32 (text)'"
-    )
-    runtime: str = Field(description="torch, torch-bf16, torch-fp16 or onnx")
-    architecture: str = Field(description="the model class, e.g. CLIPModel or SiglipModel")
-    fallbacks: dict[str, str] = Field(
-        default_factory=dict,
-        description="towers ('text', 'image') that run in float32 on this machine although the "
-        "runtime offers a lower precision, each with the reason (its vectors missed the parity "
-        "bound against float32)",
-    )
 
 
 def _overloaded(exc: Overloaded) -> ServiceUnavailable:

@@ -19,7 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from services.metadata.db import make_engine, upgrade
 from services.metadata.images import ImageStore
 from services.metadata.repository import Repository
-from services.metadata.schemas import (
+from services.metadata.settings import MetadataSettings
+from shared.app import build_app
+from shared.contracts.metadata import (
     CaptionsOut,
     CollectionCreate,
     CollectionDeleted,
@@ -40,8 +42,6 @@ from services.metadata.schemas import (
     KeywordSearchRequest,
     StatusUpdate,
 )
-from services.metadata.settings import MetadataSettings
-from shared.app import build_app
 from shared.problems import PayloadTooLarge
 
 # Room for the form fields around the image (captions, attributes, multipart framing).

@@ -35,7 +35,16 @@ from services.metadata.images import (
     make_thumbnail,
 )
 from services.metadata.models import STATUSES, Caption, Collection, Item, ItemTag, utcnow
-from services.metadata.schemas import (
+from services.metadata.settings import MetadataSettings
+from services.metadata.validation import (
+    check_captions,
+    check_collection_name,
+    check_source_uri,
+    check_tags,
+    is_collection_name,
+    parse_attributes,
+)
+from shared.contracts.metadata import (
     CaptionOut,
     CaptionRef,
     CollectionCreate,
@@ -50,15 +59,6 @@ from services.metadata.schemas import (
     ItemStatesOut,
     KeywordHit,
     StatusCounts,
-)
-from services.metadata.settings import MetadataSettings
-from services.metadata.validation import (
-    check_captions,
-    check_collection_name,
-    check_source_uri,
-    check_tags,
-    is_collection_name,
-    parse_attributes,
 )
 from shared.problems import Conflict, NotFound, ProblemError
 

@@ -14,192 +14,52 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import anyio.to_thread
 import numpy as np
 from fastapi import BackgroundTasks, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from services.retrieval import metrics
-from services.retrieval.indexing import (
-    MAX_EF_CONSTRUCTION,
-    MAX_EF_SEARCH,
-    MAX_NPROBE,
-    MAX_RESCORE_FACTOR,
-    IndexSpec,
-    SearchDepth,
-    use_threads,
-)
+from services.retrieval.indexing import IndexSpec, SearchDepth, use_threads
 from services.retrieval.metrics import SEARCH_SECONDS, VECTORS, WAL_BYTES
 from services.retrieval.runner import SearchRunner
 from services.retrieval.settings import RetrievalSettings
-from services.retrieval.store import (
-    INT64_MAX,
-    MAX_DIM,
-    Collection,
-    CollectionNotFound,
-    DimensionMismatch,
-    Store,
-)
+from services.retrieval.store import Collection, CollectionNotFound, DimensionMismatch, Store
 from shared.app import build_app
 from shared.collections import COLLECTION_NAME_PATTERN
+from shared.contracts.retrieval import (
+    BINARY_IDS,
+    INT64_MAX,
+    CollectionInfo,
+    CollectionList,
+    CollectionSettings,
+    DeleteRequest,
+    DeleteResponse,
+    IdPage,
+    IndexSettings,
+    Modality,
+    SearchRequest,
+    SearchResponse,
+    UpsertRequest,
+    UpsertResponse,
+)
 from shared.contracts.vectors import VectorDecodeError, decode_vectors
 from shared.problems import PayloadTooLarge, ServiceUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
 
-Modality = Literal["image", "text"]
 CollectionName = Annotated[
     str, Path(pattern=COLLECTION_NAME_PATTERN, description="collection name")
 ]
-# Strict: "7", 7.0 and true are not ids; the range is int64 without the negatives (Faiss uses -1
-# for "no result").
-VectorId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
-Component = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Vector = Annotated[list[Component], Field(min_length=1, max_length=MAX_DIM)]
-BINARY_IDS = "application/octet-stream"
 
 
-class IndexSettings(BaseModel):
-    """A collection's index settings; omitted fields keep their current (or default) value."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    factory: str | None = Field(
-        None,
-        min_length=1,
-        max_length=200,
-        description="Faiss factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, …) or auto",
-    )
-    nprobe: int | None = Field(None, ge=1, le=MAX_NPROBE, description="IVF lists probed")
-    ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description="HNSW depth")
-    rescore_factor: int | None = Field(None, ge=1, le=MAX_RESCORE_FACTOR)
-    storage: Literal["float32", "float16-mmap"] | None = None
-    ef_construction: int | None = Field(None, ge=8, le=MAX_EF_CONSTRUCTION, description="HNSW")
-
-    def apply_to(self, base: IndexSpec) -> IndexSpec:
-        return IndexSpec.from_dict(self.model_dump(exclude_unset=True), base)
-
-
-class CollectionSettings(BaseModel):
-    model_id: str = Field(min_length=1, max_length=256)
-    dim: int = Field(ge=1, le=MAX_DIM)
-    index: IndexSettings | None = None
-
-
-_BASE64_DOC = (
-    "instead of vectors: float32 little-endian rows in base64 (shared/contracts/vectors.py), "
-    "what the services send among themselves"
-)
-
-
-class UpsertRequest(BaseModel):
-    modality: Modality
-    model_id: str = Field(min_length=1, max_length=256)
-    ids: list[VectorId] = Field(min_length=1)
-    vectors: list[Vector] | None = Field(None, min_length=1)
-    vectors_base64: str | None = Field(None, min_length=1, description=_BASE64_DOC)
-    index: IndexSettings | None = Field(
-        None,
-        description="settings for the collection when this write creates it; ignored otherwise "
-        "(PUT /collections/{collection} changes them)",
-    )
-
-    @model_validator(mode="after")
-    def _one_vector_per_id(self) -> UpsertRequest:
-        _one_encoding(self.vectors, self.vectors_base64)
-        if self.vectors is not None and len(self.ids) != len(self.vectors):
-            raise ValueError(f"{len(self.ids)} ids but {len(self.vectors)} vectors")
-        if len(set(self.ids)) != len(self.ids):
-            raise ValueError("ids must be unique within a request")
-        return self
-
-
-class UpsertResponse(BaseModel):
-    upserted: int = Field(description="vectors written by this request")
-    count: int = Field(description="vectors in the collection's modality afterwards")
-
-
-class DeleteRequest(BaseModel):
-    ids: list[VectorId]
-    modality: Modality | None = None
-
-    @model_validator(mode="after")
-    def _unique(self) -> DeleteRequest:
-        if len(set(self.ids)) != len(self.ids):
-            raise ValueError("ids must be unique within a request")
-        return self
-
-
-class DeleteResponse(BaseModel):
-    deleted: int
-
-
-def _one_encoding(vectors: list[list[float]] | None, encoded: str | None) -> None:
-    if (vectors is None) == (encoded is None):
-        raise ValueError("give the vectors either as vectors or as vectors_base64")
-
-
-class SearchRequest(BaseModel):
-    modality: Modality
-    vectors: list[Vector] | None = Field(None, min_length=1)
-    vectors_base64: str | None = Field(None, min_length=1, description=_BASE64_DOC)
-    top_k: int = Field(10, ge=1, le=1000)
-    allow_ids: list[VectorId] | None = None
-    model_id: str | None = None
-    # Per-query depth; None: the collection's default.
-    nprobe: int | None = Field(None, ge=1, le=MAX_NPROBE)
-    ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH)
-    rescore_factor: int | None = Field(None, ge=1, le=MAX_RESCORE_FACTOR)
-
-    @model_validator(mode="after")
-    def _vectors_given_once(self) -> SearchRequest:
-        _one_encoding(self.vectors, self.vectors_base64)
-        return self
-
-
-class Hit(BaseModel):
-    id: int
-    score: float
-
-
-class SearchResponse(BaseModel):
-    results: list[list[Hit]]
-
-
-class Counts(BaseModel):
-    image: int
-    text: int
-
-
-class SetStatus(BaseModel):
-    count: int
-    index: str | None = Field(description="factory of the index in use (what auto chose)")
-    index_entries: int
-    stale_entries: int
-    rebuilding: bool
-
-
-class CollectionInfo(BaseModel):
-    name: str
-    model_id: str
-    dim: int
-    counts: Counts
-    index: dict[str, Any]
-    status: dict[str, SetStatus]
-
-
-class CollectionList(BaseModel):
-    collections: list[CollectionInfo]
-
-
-class IdPage(BaseModel):
-    ids: list[int]
-    next_after: int | None = Field(description="pass as `after` for the next page; null: done")
+def _index_spec(settings: IndexSettings, base: IndexSpec) -> IndexSpec:
+    return IndexSpec.from_dict(settings.model_dump(exclude_unset=True), base)
 
 
 @dataclass
@@ -366,7 +226,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
                 base = store.get(collection).spec
             except CollectionNotFound:
                 base = store.default_spec
-            spec = body.index.apply_to(base) if body.index is not None else None
+            spec = _index_spec(body.index, base) if body.index is not None else None
             target, created = store.ensure(collection, body.model_id, body.dim, spec)
             _observe(target)
             return target.info(), created
@@ -391,7 +251,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         def work() -> tuple[Collection, int]:
             use_threads(threads)
             vectors = _request_matrix(body.vectors, body.vectors_base64, rows=len(body.ids))
-            spec = body.index.apply_to(store.default_spec) if body.index is not None else None
+            spec = _index_spec(body.index, store.default_spec) if body.index is not None else None
             target = store.get_or_create(collection, body.model_id, vectors.shape[1], spec)
             ids = np.asarray(body.ids, dtype=np.int64)
             count = target.upsert(body.modality, ids, vectors, model_id=body.model_id)

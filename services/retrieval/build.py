@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 
 from services.retrieval import snapshots, wal
-from services.retrieval.collection import MAX_DIM, write_meta
+from services.retrieval.collection import write_meta
 from services.retrieval.indexing import (
     FACTORY_AUTO,
     STORAGE_FLOAT16_MMAP,
@@ -51,6 +51,7 @@ from services.retrieval.synthetic import ClipLike
 from services.retrieval.vectors import SetState
 from services.retrieval.wal import MODALITIES
 from shared.collections import is_collection_name
+from shared.contracts.retrieval import MAX_DIM
 
 STATE = "build.json"
 _INGEST_CHUNK = 1 << 16

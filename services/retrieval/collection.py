@@ -44,12 +44,11 @@ from services.retrieval.vectors import (
     VectorSet,
 )
 from services.retrieval.wal import MODALITIES, Delete, Record, Upsert, WalWriter
+from shared.contracts.retrieval import INT64_MAX
 from shared.problems import Unprocessable
 
 log = logging.getLogger(__name__)
 
-INT64_MAX = 2**63 - 1
-MAX_DIM = 8192
 FLOAT16_MAX = 65504.0
 
 META = "meta.json"

@@ -26,6 +26,13 @@ import faiss
 import numpy as np
 
 from services.retrieval.errors import InvalidIndexSettings
+from shared.contracts.retrieval import (
+    MAX_EF_CONSTRUCTION,
+    MAX_EF_SEARCH,
+    MAX_FACTORY_LENGTH,
+    MAX_NPROBE,
+    MAX_RESCORE_FACTOR,
+)
 
 FACTORY_AUTO = "auto"
 STORAGE_FLOAT32 = "float32"
@@ -40,16 +47,11 @@ DEFAULT_PQ_RESCORE_FACTOR = 16
 DEFAULT_EF_SEARCH = 128
 # HNSW graph quality (Faiss' own default is 40); 100 as in Chroma and hnswlib's examples.
 DEFAULT_EF_CONSTRUCTION = 100
-MAX_EF_CONSTRUCTION = 4096
-MAX_NPROBE = 65_536
-MAX_EF_SEARCH = 32_768
-MAX_RESCORE_FACTOR = 100
 
 # ``auto``: below this many vectors an exact scan costs about a millisecond and needs no build.
 AUTO_FLAT_MAX = 20_000
 AUTO_HNSW_M = 32
 AUTO_HNSW = f"HNSW{AUTO_HNSW_M},SQfp16"
-_FACTORY_MAX_LEN = 200
 
 FAMILY_FLAT = "flat"
 FAMILY_IVF = "ivf"
@@ -91,7 +93,7 @@ class IndexSpec:
         return spec
 
     def validate(self) -> None:
-        if not isinstance(self.factory, str) or not 0 < len(self.factory) <= _FACTORY_MAX_LEN:
+        if not isinstance(self.factory, str) or not 0 < len(self.factory) <= MAX_FACTORY_LENGTH:
             raise InvalidIndexSettings("factory must be a Faiss factory string or 'auto'")
         _check_range("nprobe", self.nprobe, 1, MAX_NPROBE, optional=True)
         _check_range("ef_search", self.ef_search, 1, MAX_EF_SEARCH, optional=True)

@@ -23,8 +23,6 @@ import numpy as np
 
 from services.retrieval import wal
 from services.retrieval.collection import (
-    INT64_MAX,
-    MAX_DIM,
     META,
     TMP_PREFIX,
     Collection,
@@ -45,6 +43,7 @@ from services.retrieval.vectors import (
     VectorSet,
 )
 from shared.collections import COLLECTION_NAME_PATTERN, is_collection_name
+from shared.contracts.retrieval import INT64_MAX, MAX_DIM
 from shared.problems import Unprocessable
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Request and response bodies of the metadata API (docs/architecture.md and docs/metadata.md)."""
+"""The metadata service's API (services/metadata/app.py, docs/metadata.md): its bodies and the
+typed client its callers (the gateway, ``crossmodal reconcile``) use."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from shared.collections import COLLECTION_NAME_PATTERN
+from shared.contracts.client import JSON_HEADERS, ServiceApi
 
 ItemStatus = Literal["pending", "indexed", "failed"]
 Target = Literal["image", "text"]
@@ -208,3 +210,106 @@ class HashMatch(BaseModel):
 
 class HashesOut(BaseModel):
     items: list[HashMatch]
+
+
+# An uploaded image: (file name, bytes, content type).
+ImageFile = tuple[str, bytes, str]
+
+
+class ItemForm(BaseModel):
+    """The form fields of ``POST /items`` besides the image."""
+
+    collection: str
+    captions: list[str] = Field(default_factory=list)
+    attributes: str | None = Field(None, description="JSON object, checked by the service")
+    tags: list[str] = Field(default_factory=list)
+    source_uri: str | None = None
+
+
+class MetadataClient(ServiceApi):
+    """The metadata service as its callers see it: every call returns a parsed answer or raises
+    the service's problem (``ProblemError``)."""
+
+    async def _post(self, path: str, body: BaseModel, *, retry: bool | None = None) -> bytes:
+        response = await self.http.request(
+            "POST",
+            path,
+            content=body.model_dump_json(exclude_none=True),
+            headers=JSON_HEADERS,
+            retry=retry,
+        )
+        return response.content
+
+    async def hits(self, collection: str, request: HitsRequest) -> HitsOut:
+        # A read: safe to repeat.
+        raw = await self._post(f"/collections/{collection}/hits", request, retry=True)
+        return HitsOut.model_validate_json(raw)
+
+    async def filter(self, collection: str, request: FilterRequest) -> FilterOut:
+        raw = await self._post(f"/collections/{collection}/filter", request, retry=True)
+        return FilterOut.model_validate_json(raw)
+
+    async def keyword_search(
+        self, collection: str, request: KeywordSearchRequest
+    ) -> KeywordSearchOut:
+        raw = await self._post(f"/collections/{collection}/keyword-search", request, retry=True)
+        return KeywordSearchOut.model_validate_json(raw)
+
+    async def create_item(self, form: ItemForm, image: ImageFile) -> ItemOut:
+        data: dict[str, str | list[str]] = {
+            "collection": form.collection,
+            "caption": form.captions,
+            "tag": form.tags,
+        }
+        if form.attributes is not None:
+            data["attributes"] = form.attributes
+        if form.source_uri is not None:
+            data["source_uri"] = form.source_uri
+        # Never retried: a lost answer followed by a retry would store the item twice.
+        response = await self.http.request(
+            "POST", "/items", data=data, files={"image": image}, retry=False
+        )
+        return ItemOut.model_validate_json(response.content)
+
+    async def item(self, item_id: int) -> ItemOut:
+        response = await self.http.request("GET", f"/items/{item_id}")
+        return ItemOut.model_validate_json(response.content)
+
+    async def image(self, item_id: int) -> bytes:
+        response = await self.http.request("GET", f"/items/{item_id}/image")
+        return response.content
+
+    async def set_status(self, item_id: int, update: StatusUpdate) -> ItemOut:
+        # Setting the same status twice leaves the same state: safe to repeat.
+        response = await self.http.request(
+            "PATCH",
+            f"/items/{item_id}",
+            content=update.model_dump_json(exclude_none=True),
+            headers=JSON_HEADERS,
+            retry=True,
+        )
+        return ItemOut.model_validate_json(response.content)
+
+    async def delete_item(self, item_id: int) -> None:
+        await self.http.request("DELETE", f"/items/{item_id}")
+
+    async def item_states(
+        self, collection: str, *, after: int | None = None, limit: int = 1000
+    ) -> ItemStatesOut:
+        params: dict[str, int] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        response = await self.http.request("GET", f"/collections/{collection}/items", params=params)
+        return ItemStatesOut.model_validate_json(response.content)
+
+    async def collection(self, collection: str) -> CollectionOut:
+        response = await self.http.request("GET", f"/collections/{collection}")
+        return CollectionOut.model_validate_json(response.content)
+
+    async def collections(self) -> CollectionsOut:
+        response = await self.http.request("GET", "/collections")
+        return CollectionsOut.model_validate_json(response.content)
+
+    async def delete_collection(self, collection: str) -> CollectionDeleted:
+        response = await self.http.request("DELETE", f"/collections/{collection}")
+        return CollectionDeleted.model_validate_json(response.content)
