@@ -11,6 +11,7 @@ docs/cli.md describes every command.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -45,6 +46,7 @@ from crossmodal.stack import LocalStack
 
 if TYPE_CHECKING:
     from crossmodal.demo.emoji import Emoji
+    from crossmodal.reconcile import DriftReport, RepairReport
 
 DEMO_COLLECTION = "demo"
 DEMO_USER = ("demo", "demo-password")
@@ -705,18 +707,18 @@ def reconcile(
     from crossmodal.reconcile import ReconcileError, Reconciler
     from services.gateway.cache import invalidate
 
-    timeout = httpx.Timeout(60.0, connect=5.0)
-    with (
-        httpx.Client(base_url=metadata_url, timeout=timeout) as metadata,
-        httpx.Client(base_url=retrieval_url, timeout=timeout) as retrieval,
-        httpx.Client(base_url=feature_url or "http://invalid", timeout=timeout) as feature,
-    ):
-        reconciler = Reconciler(metadata, retrieval, feature if feature_url else None)
-        try:
-            report = reconciler.check(collection, stale_after=timedelta(seconds=stale_after))
-            repaired = reconciler.repair(report, retry_failed=retry_failed) if repair else None
-        except (ReconcileError, httpx.HTTPError) as exc:
-            raise fail(str(exc)) from None
+    async def run() -> tuple[DriftReport, RepairReport | None]:
+        async with Reconciler.connect(
+            metadata_url=metadata_url, retrieval_url=retrieval_url, feature_url=feature_url
+        ) as reconciler:
+            found = await reconciler.check(collection, stale_after=timedelta(seconds=stale_after))
+            fixed = await reconciler.repair(found, retry_failed=retry_failed) if repair else None
+            return found, fixed
+
+    try:
+        report, repaired = asyncio.run(run())
+    except ReconcileError as exc:
+        raise fail(str(exc)) from None
     summary = report.summary()
     if repaired is not None:
         summary["repair"] = {

@@ -17,9 +17,7 @@ feature service to re-embed), not to the gateway. What can drift, and the repair
 
 Retrieval is read *before* metadata: vectors are only written after their item exists, so an item
 added between the two readings can only look missing (re-indexing is idempotent), never orphaned.
-Without the id listing (an older retrieval service), presence is checked by probing retrieval's
-search with the ids as ``allow_ids`` (``top_k`` = number of ids), which returns exactly the
-present ones, and orphans are only counted.
+The services are called through their typed clients (shared/contracts).
 
 Also here: the pure comparison ``reconcile()``/``diff()`` over two callables that list ids (what
 to build another repair policy on, tested without the services), the drift metrics
@@ -30,23 +28,30 @@ collection; ``--interval`` and ``--metrics-port`` make it a long-running reconci
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import httpx
 import numpy as np
 from prometheus_client import Counter, Gauge, start_http_server
+from pydantic import ValidationError
+
+from shared.contracts.feature import FeatureClient
+from shared.contracts.metadata import MetadataClient, StatusUpdate
+from shared.contracts.retrieval import DeleteRequest, RetrievalClient, UpsertRequest
+from shared.contracts.vectors import encode_vectors
+from shared.http import ServiceClient
+from shared.problems import ProblemError
 
 log = logging.getLogger(__name__)
-
-PROBE_CHUNK = 1000  # retrieval's largest top_k
 
 Modality = Literal["image", "text"]
 MODALITIES: tuple[Modality, ...] = ("image", "text")
@@ -179,7 +184,7 @@ class DriftReport:
     collection: str
     counts: dict[str, int]
     retrieval_counts: dict[str, int]
-    method: str  # "listing" or "probe"
+    method: str  # how retrieval's ids were read: "listing" (the whole id list)
     missing: list[int] = field(default_factory=list)
     stuck: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
@@ -215,174 +220,90 @@ class RepairReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _raise_for(response: httpx.Response, what: str) -> None:
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        raise ReconcileError(f"{what}: HTTP {response.status_code}: {detail}")
-
-
 def _chunks(values: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
 
 class Reconciler:
+    """The check and the repair over the services' typed clients (shared/contracts). A call that
+    fails raises ``ReconcileError`` with what was being done and the service's problem."""
+
     def __init__(
         self,
-        metadata: httpx.Client,
-        retrieval: httpx.Client,
-        feature: httpx.Client | None = None,
+        metadata: MetadataClient,
+        retrieval: RetrievalClient,
+        feature: FeatureClient | None = None,
     ) -> None:
         self.metadata = metadata
         self.retrieval = retrieval
         self.feature = feature
 
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, *, metadata_url: str, retrieval_url: str, feature_url: str | None = None
+    ) -> AsyncIterator[Reconciler]:
+        """A reconciler with its own clients, closed on exit."""
+        metadata = MetadataClient(service_client("metadata", metadata_url))
+        retrieval = RetrievalClient(service_client("retrieval", retrieval_url))
+        feature = FeatureClient(service_client("feature", feature_url)) if feature_url else None
+        try:
+            yield cls(metadata, retrieval, feature)
+        finally:
+            for client in (metadata, retrieval, feature):
+                if client is not None:
+                    await client.aclose()
+
     # --- reading both sides ---------------------------------------------------------------
 
-    def metadata_items(self, collection: str) -> list[ItemInfo]:
+    async def metadata_items(self, collection: str) -> list[ItemInfo]:
         items: list[ItemInfo] = []
         after: int | None = None
         while True:
-            params: dict[str, Any] = {"limit": 5000}
-            if after is not None:
-                params["after"] = after
-            response = self.metadata.get(f"/collections/{collection}/items", params=params)
-            _raise_for(response, f"metadata items of {collection!r}")
-            page = response.json()
-            for entry in page["items"]:
-                updated = datetime.fromisoformat(entry["updated_at"].replace("Z", "+00:00"))
-                items.append(
-                    ItemInfo(entry["id"], entry["status"], tuple(entry["caption_ids"]), updated)
-                )
-            after = page.get("next_after")
+            async with _failing(f"metadata items of {collection!r}"):
+                page = await self.metadata.item_states(collection, after=after, limit=5000)
+            items.extend(
+                ItemInfo(s.id, s.status, tuple(s.caption_ids), s.updated_at) for s in page.items
+            )
+            after = page.next_after
             if after is None:
                 return items
 
-    def retrieval_collection(self, collection: str) -> dict[str, Any] | None:
-        response = self.retrieval.get(f"/collections/{collection}")
-        if response.status_code == 404:
-            return None
-        _raise_for(response, f"retrieval collection {collection!r}")
-        return response.json()  # type: ignore[no-any-return]
-
-    def listed_ids(self, collection: str, modality: str) -> set[int] | None:
-        """Every id retrieval holds in ``modality``, or None if it cannot list them."""
-        response = self.retrieval.get(
-            f"/collections/{collection}/ids",
-            params={"modality": modality},
-            headers={"Accept": "application/octet-stream"},
-        )
-        if response.status_code in (404, 405):
-            body = response.json() if response.content else {}
-            if response.status_code == 405 or body.get("code") == "not_found":
-                return None  # no such route: an older retrieval service
-        _raise_for(response, f"retrieval ids of {collection!r}")
-        if response.headers.get("content-type", "").startswith("application/octet-stream"):
-            return set(np.frombuffer(response.content, dtype="<i8").tolist())
-        ids: set[int] = set()  # a service that only pages JSON
-        page = response.json()
-        while True:
-            ids.update(page["ids"])
-            after = page.get("next_after")
-            if after is None:
-                return ids
-            response = self.retrieval.get(
-                f"/collections/{collection}/ids",
-                params={"modality": modality, "after": after, "limit": 10_000},
-            )
-            _raise_for(response, f"retrieval ids of {collection!r}")
-            page = response.json()
-
-    # The listers of ``reconcile()``.
-
-    def retrieval_ids(self, collection: str, modality: Modality) -> set[int]:
-        if self.retrieval_collection(collection) is None:
-            return set()
-        listed = self.listed_ids(collection, modality)
-        if listed is None:
-            raise ReconcileError("the retrieval service cannot list ids")
-        return listed
-
-    def metadata_ids(
-        self, collection: str, modality: Modality, *, stale_after: timedelta = timedelta(minutes=10)
-    ) -> MetadataIds:
-        """Ids that must have vectors (indexed items, stuck pending ones, and their captions),
-        and ids that may (pending items younger than ``stale_after``)."""
-        cutoff = datetime.now(UTC) - stale_after
-        return _expected(self.metadata_items(collection), modality, cutoff)
-
-    def collections(self) -> list[str]:
+    async def collections(self) -> list[str]:
         """Every collection either service knows."""
-        names: set[str] = set()
-        for client, what in ((self.retrieval, "retrieval"), (self.metadata, "metadata")):
-            response = client.get("/collections")
-            _raise_for(response, f"{what} collections")
-            names.update(c["name"] for c in response.json()["collections"])
-        return sorted(names)
-
-    def probe(self, collection: str, modality: str, ids: list[int], dim: int) -> set[int]:
-        """Which of ``ids`` retrieval holds: a search restricted to them returns exactly those."""
-        present: set[int] = set()
-        unit = [1.0] + [0.0] * (dim - 1)
-        for chunk in _chunks(sorted(set(ids)), PROBE_CHUNK):
-            response = self.retrieval.post(
-                f"/collections/{collection}/search",
-                json={
-                    "modality": modality,
-                    "vectors": [unit],
-                    "top_k": len(chunk),
-                    "allow_ids": chunk,
-                },
-            )
-            _raise_for(response, f"probing {modality} vectors of {collection!r}")
-            present.update(hit["id"] for hit in response.json()["results"][0])
-        return present
+        async with _failing("listing collections"):
+            vectors = await self.retrieval.collections()
+            items = await self.metadata.collections()
+        return sorted({c.name for c in vectors.collections} | {c.name for c in items.collections})
 
     # --- check ----------------------------------------------------------------------------
 
-    def check(
+    async def check(
         self, collection: str, *, stale_after: timedelta = timedelta(minutes=10)
     ) -> DriftReport:
         # Retrieval first (see the module doc), then metadata.
-        info = self.retrieval_collection(collection)
-        listed_images = listed_texts = None
-        if info is not None:
-            listed_images = self.listed_ids(collection, "image")
-            listed_texts = (
-                self.listed_ids(collection, "text") if listed_images is not None else None
-            )
-        items = self.metadata_items(collection)
+        async with _failing(f"retrieval collection {collection!r}"):
+            info = await self.retrieval.collection(collection)
+            images: set[int] = set()
+            texts: set[int] = set()
+            if info is not None:
+                images = set((await self.retrieval.ids(collection, "image")).tolist())
+                texts = set((await self.retrieval.ids(collection, "text")).tolist())
+        items = await self.metadata_items(collection)
         counts = {
             s: sum(1 for i in items if i.status == s) for s in ("pending", "indexed", "failed")
         }
-        retrieval_counts = dict(info["counts"]) if info else {"image": 0, "text": 0}
+        retrieval_counts = info.counts.model_dump() if info is not None else {"image": 0, "text": 0}
         report = DriftReport(collection, counts, retrieval_counts, method="listing")
         report.items = {i.id: i for i in items}
-        item_ids = [i.id for i in items]
-        caption_ids = [c for i in items for c in i.caption_ids]
-
-        images: set[int] = set()
-        texts: set[int] = set()
-        if info is not None:
-            if listed_images is not None and listed_texts is not None:
-                images, texts = listed_images, listed_texts
-                report.orphan_ids = {
-                    "image": sorted(images - set(item_ids)),
-                    "text": sorted(texts - set(caption_ids)),
-                }
-                report.orphans = {k: len(v) for k, v in report.orphan_ids.items()}
-            else:
-                report.method = "probe"
-                dim = int(info["dim"])
-                images = self.probe(collection, "image", item_ids, dim) if item_ids else set()
-                texts = self.probe(collection, "text", caption_ids, dim) if caption_ids else set()
-                report.orphans = {
-                    "image": max(0, retrieval_counts.get("image", 0) - len(images)),
-                    "text": max(0, retrieval_counts.get("text", 0) - len(texts)),
-                }
+        item_ids = {i.id for i in items}
+        caption_ids = {c for i in items for c in i.caption_ids}
+        report.orphan_ids = {
+            "image": sorted(images - item_ids),
+            "text": sorted(texts - caption_ids),
+        }
+        report.orphans = {k: len(v) for k, v in report.orphan_ids.items()}
 
         cutoff = datetime.now(UTC) - stale_after
         for item in items:
@@ -400,18 +321,17 @@ class Reconciler:
             # A pending item that is not stuck may be mid-upload: its vectors are legitimate.
             if (item.status == "failed" or is_stuck) and (has_image or any(has_captions)):
                 report.stale.append(item.id)
-        if report.method == "listing":
-            # The drift metric, per modality, from the id-level comparison.
-            for modality, present in (("image", images), ("text", texts)):
-                retrieval_only, metadata_only = diff(present, _expected(items, modality, cutoff))
-                DRIFT.labels(collection, modality, "retrieval_only").set(len(retrieval_only))
-                DRIFT.labels(collection, modality, "metadata_only").set(len(metadata_only))
+        # The drift metric, per modality, from the id-level comparison.
+        for modality, present in (("image", images), ("text", texts)):
+            retrieval_only, metadata_only = diff(present, _expected(items, modality, cutoff))
+            DRIFT.labels(collection, modality, "retrieval_only").set(len(retrieval_only))
+            DRIFT.labels(collection, modality, "metadata_only").set(len(metadata_only))
         LAST_RUN.labels(collection).set(time.time())
         return report
 
     # --- repair ---------------------------------------------------------------------------
 
-    def repair(self, report: DriftReport, *, retry_failed: bool = False) -> RepairReport:
+    async def repair(self, report: DriftReport, *, retry_failed: bool = False) -> RepairReport:
         result = RepairReport()
         collection = report.collection
         reindex = list(dict.fromkeys(report.missing + report.stuck))
@@ -421,7 +341,7 @@ class Reconciler:
         for item_id in report.stale:
             if item_id in reindex and self.feature is not None:
                 continue
-            result.vectors_deleted += self._delete_vectors(collection, report.items[item_id])
+            result.vectors_deleted += await self._delete_vectors(collection, report.items[item_id])
         for item_id in reindex:
             item = report.items[item_id]
             if self.feature is None:
@@ -431,90 +351,101 @@ class Reconciler:
                         if item.status == "indexed"
                         else "stuck pending (found by reconcile)"
                     )
-                    self._set_status(item.id, "failed", error=reason)
-                    result.vectors_deleted += self._delete_vectors(collection, item)
+                    await self._set_status(item.id, StatusUpdate(status="failed", error=reason))
+                    result.vectors_deleted += await self._delete_vectors(collection, item)
                     result.marked_failed.append(item.id)
                 continue
             try:
-                self.reindex(collection, item.id)
+                await self.reindex(collection, item.id)
                 result.reindexed.append(item.id)
                 REPAIRED.labels(collection, "image", "requeued").inc()
             except ReconcileError as exc:
                 result.errors.append(f"item {item.id}: {exc}")
                 try:
-                    self._set_status(item.id, "failed", error=f"reconcile: {exc}"[:4000])
-                    result.vectors_deleted += self._delete_vectors(collection, item)
+                    failed = StatusUpdate(status="failed", error=f"reconcile: {exc}"[:4000])
+                    await self._set_status(item.id, failed)
+                    result.vectors_deleted += await self._delete_vectors(collection, item)
                     result.marked_failed.append(item.id)
                 except ReconcileError as again:
                     result.errors.append(f"item {item.id}: {again}")
-        if report.orphan_ids:
-            for modality, ids in report.orphan_ids.items():
-                for chunk in _chunks(ids, 1000):
-                    result.vectors_deleted += self._delete(collection, modality, chunk)
+        for modality, ids in (report.orphan_ids or {}).items():
+            for chunk in _chunks(ids, 1000):
+                result.vectors_deleted += await self._delete(collection, modality, chunk)
         REPAIRED.labels(collection, "any", "deleted").inc(result.vectors_deleted)
         return result
 
-    def reindex(self, collection: str, item_id: int) -> None:
+    async def reindex(self, collection: str, item_id: int) -> None:
         """Embed the item's stored image and captions again, upsert them (durable), then mark it
         indexed: the gateway's item flow, from what metadata already holds."""
         if self.feature is None:
             raise ReconcileError("no feature service to embed with")
-        response = self.metadata.get(f"/items/{item_id}")
-        _raise_for(response, f"item {item_id}")
-        item = response.json()
-        image = self.metadata.get(f"/items/{item_id}/image")
-        _raise_for(image, f"image of item {item_id}")
-        embedded = self.feature.post(
-            "/embed/image",
-            files=[("images", ("image", image.content, item["content_type"]))],
-        )
-        _raise_for(embedded, "embedding the image")
-        model_id = embedded.json()["model_id"]
-        self._upsert(collection, "image", model_id, [item_id], embedded.json()["vectors"])
-        captions = item["captions"]
-        if captions:
-            texts = self.feature.post("/embed/text", json={"texts": [c["text"] for c in captions]})
-            _raise_for(texts, "embedding the captions")
-            self._upsert(
-                collection, "text", model_id, [c["id"] for c in captions], texts.json()["vectors"]
-            )
-        self._set_status(item_id, "indexed", model_id=model_id)
+        async with _failing(f"item {item_id}"):
+            item = await self.metadata.item(item_id)
+            image = await self.metadata.image(item_id)
+        async with _failing("embedding the image"):
+            embedded = await self.feature.embed_images([("image", image.data, item.content_type)])
+        model_id = embedded.model_id
+        await self._upsert(collection, "image", model_id, [item_id], embedded.matrix())
+        if item.captions:
+            async with _failing("embedding the captions"):
+                texts = await self.feature.embed_texts([c.text for c in item.captions])
+            caption_ids = [c.id for c in item.captions]
+            await self._upsert(collection, "text", model_id, caption_ids, texts.matrix())
+        await self._set_status(item_id, StatusUpdate(status="indexed", model_id=model_id))
 
-    def _upsert(
-        self, collection: str, modality: str, model_id: str, ids: list[int], vectors: list[Any]
+    async def _upsert(
+        self,
+        collection: str,
+        modality: Modality,
+        model_id: str,
+        ids: list[int],
+        vectors: np.ndarray,
     ) -> None:
-        response = self.retrieval.post(
-            f"/collections/{collection}/upsert",
-            json={"modality": modality, "model_id": model_id, "ids": ids, "vectors": vectors},
+        request = UpsertRequest(
+            modality=modality, model_id=model_id, ids=ids, vectors_base64=encode_vectors(vectors)
         )
-        _raise_for(response, f"upserting {modality} vectors")
+        async with _failing(f"upserting {modality} vectors"):
+            await self.retrieval.upsert(collection, request)
 
-    def _set_status(
-        self, item_id: int, status: str, *, model_id: str | None = None, error: str | None = None
-    ) -> None:
-        body: dict[str, Any] = {"status": status}
-        if model_id is not None:
-            body["model_id"] = model_id
-        if error is not None:
-            body["error"] = error
-        response = self.metadata.patch(f"/items/{item_id}", json=body)
-        _raise_for(response, f"marking item {item_id} {status}")
+    async def _set_status(self, item_id: int, update: StatusUpdate) -> None:
+        async with _failing(f"marking item {item_id} {update.status}"):
+            await self.metadata.set_status(item_id, update)
 
-    def _delete(self, collection: str, modality: str, ids: list[int]) -> int:
+    async def _delete(self, collection: str, modality: Modality, ids: list[int]) -> int:
         if not ids:
             return 0
-        response = self.retrieval.post(
-            f"/collections/{collection}/delete", json={"ids": ids, "modality": modality}
-        )
-        if response.status_code == 404:
-            return 0
-        _raise_for(response, f"deleting {modality} vectors")
-        return int(response.json().get("deleted", 0))
+        async with _failing(f"deleting {modality} vectors"):
+            try:
+                answer = await self.retrieval.delete(
+                    collection, DeleteRequest(ids=ids, modality=modality)
+                )
+            except ProblemError as exc:
+                if exc.code == "collection_not_found":
+                    return 0
+                raise
+        return answer.deleted
 
-    def _delete_vectors(self, collection: str, item: ItemInfo) -> int:
-        return self._delete(collection, "image", [item.id]) + self._delete(
+    async def _delete_vectors(self, collection: str, item: ItemInfo) -> int:
+        return await self._delete(collection, "image", [item.id]) + await self._delete(
             collection, "text", list(item.caption_ids)
         )
+
+
+def service_client(name: str, base_url: str) -> ServiceClient:
+    """An operator tool's client: generous timeouts (a whole collection's ids in one answer),
+    the usual retries, no circuit breaker."""
+    return ServiceClient(name, base_url, timeout=60.0, connect_timeout=5.0)
+
+
+@asynccontextmanager
+async def _failing(what: str) -> AsyncIterator[None]:
+    """A service's problem, or an answer that breaks the contract, as a ``ReconcileError``."""
+    try:
+        yield
+    except ProblemError as exc:
+        raise ReconcileError(f"{what}: HTTP {exc.status}: {exc.detail}") from exc
+    except ValidationError as exc:
+        raise ReconcileError(f"{what}: an answer outside the contract: {exc}") from exc
 
 
 def _expected(items: Iterable[ItemInfo], modality: str, cutoff: datetime) -> MetadataIds:
@@ -574,36 +505,39 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_once(args: argparse.Namespace) -> int:
-    timeout = httpx.Timeout(60.0, connect=5.0)
-    status = 0
-    with (
-        httpx.Client(base_url=args.metadata_url, timeout=timeout) as metadata,
-        httpx.Client(base_url=args.retrieval_url, timeout=timeout) as retrieval,
-        httpx.Client(base_url=args.feature_url or "http://invalid", timeout=timeout) as feature,
-    ):
-        reconciler = Reconciler(metadata, retrieval, feature if args.feature_url else None)
-        try:
-            names = args.collection or reconciler.collections()
-            for name in names:
-                report = reconciler.check(name, stale_after=timedelta(seconds=args.stale_after))
-                summary = report.summary()
-                if args.repair:
-                    repaired = reconciler.repair(report, retry_failed=args.retry_failed)
-                    summary["repair"] = asdict(repaired)
-                    changed = repaired.reindexed or repaired.marked_failed
-                    if args.redis_url and (changed or repaired.vectors_deleted):
-                        # The gateway's cache keys are the gateway's: its module bumps them.
-                        from services.gateway.cache import invalidate
+    try:
+        return asyncio.run(_reconcile_all(args))
+    except ReconcileError as exc:
+        print(f"reconcile failed: {exc}", file=sys.stderr)
+        return 2
 
-                        invalidate(args.redis_url, args.cache_prefix, name)
-                    if repaired.errors:
-                        status = 1
-                elif not report.clean:
+
+async def _reconcile_all(args: argparse.Namespace) -> int:
+    """Prints each collection's summary as soon as it is done."""
+    status = 0
+    async with Reconciler.connect(
+        metadata_url=args.metadata_url,
+        retrieval_url=args.retrieval_url,
+        feature_url=args.feature_url,
+    ) as reconciler:
+        names = args.collection or await reconciler.collections()
+        for name in names:
+            report = await reconciler.check(name, stale_after=timedelta(seconds=args.stale_after))
+            summary = report.summary()
+            if args.repair:
+                repaired = await reconciler.repair(report, retry_failed=args.retry_failed)
+                summary["repair"] = asdict(repaired)
+                changed = repaired.reindexed or repaired.marked_failed
+                if args.redis_url and (changed or repaired.vectors_deleted):
+                    # The gateway's cache keys are the gateway's: its module bumps them.
+                    from services.gateway.cache import invalidate
+
+                    invalidate(args.redis_url, args.cache_prefix, name)
+                if repaired.errors:
                     status = 1
-                print(json.dumps(summary), flush=True)
-        except (ReconcileError, httpx.HTTPError) as exc:
-            print(f"reconcile failed: {exc}", file=sys.stderr)
-            return 2
+            elif not report.clean:
+                status = 1
+            print(json.dumps(summary), flush=True)
     return status
 
 

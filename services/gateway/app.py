@@ -37,6 +37,16 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import read_upload
 from shared.app import BodySizeLimitMiddleware, build_app
 from shared.collections import COLLECTION_NAME_PATTERN
+from shared.contracts.feature import FeatureClient
+from shared.contracts.metadata import (
+    CollectionCreate,
+    CollectionOut,
+    CollectionsOut,
+    HashesOut,
+    HashesRequest,
+    MetadataClient,
+)
+from shared.contracts.retrieval import RetrievalClient
 from shared.http import CircuitBreaker, ServiceClient, request_deadline
 from shared.oauth import REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
 from shared.problems import ProblemError
@@ -102,17 +112,26 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
         timeout = settings.upstream_timeout_seconds
         backends = Backends(
             auth=ServiceClient("auth", settings.auth_url, timeout=timeout, breaker=breaker("auth")),
-            feature=ServiceClient(
-                "feature",
-                settings.feature_url,
-                timeout=settings.feature_timeout_seconds,
-                breaker=breaker("feature"),
+            feature=FeatureClient(
+                ServiceClient(
+                    "feature",
+                    settings.feature_url,
+                    timeout=settings.feature_timeout_seconds,
+                    breaker=breaker("feature"),
+                )
             ),
-            retrieval=ServiceClient(
-                "retrieval", settings.retrieval_url, timeout=timeout, breaker=breaker("retrieval")
+            retrieval=RetrievalClient(
+                ServiceClient(
+                    "retrieval",
+                    settings.retrieval_url,
+                    timeout=timeout,
+                    breaker=breaker("retrieval"),
+                )
             ),
-            metadata=ServiceClient(
-                "metadata", settings.metadata_url, timeout=timeout, breaker=breaker("metadata")
+            metadata=MetadataClient(
+                ServiceClient(
+                    "metadata", settings.metadata_url, timeout=timeout, breaker=breaker("metadata")
+                )
             ),
         )
         # One failure is enough to stop using Redis for a moment: every search touches it
@@ -202,12 +221,7 @@ async def _readiness(app: FastAPI) -> str | None:
             return f"{client.name}: {exc.detail}"
         return None
 
-    problems_found = await asyncio.gather(
-        *(
-            check(c)
-            for c in (backends.auth, backends.feature, backends.retrieval, backends.metadata)
-        )
-    )
+    problems_found = await asyncio.gather(*(check(c) for c in backends.http_clients()))
     # Redis is not required: searches are answered without the cache when it is down.
     return "; ".join(p for p in problems_found if p) or None
 
@@ -435,15 +449,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         _: Annotated[Principal, require("items:read")],
         size: Annotated[Literal["original", "thumb"], Query()] = "original",
     ) -> Response:
-        upstream = await state.backends.metadata.request(
-            "GET", f"/items/{item_id}/image", params={"size": size}
-        )
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("etag",)}
-        return Response(
-            upstream.content,
-            media_type=upstream.headers.get("content-type"),
-            headers={**headers, "Cache-Control": "private, max-age=3600"},
-        )
+        stored = await state.backends.metadata.image(item_id, size=size)
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if stored.etag is not None:
+            headers["ETag"] = stored.etag
+        return Response(stored.data, media_type=stored.content_type, headers=headers)
 
     @app.delete(
         "/items/{item_id}",
@@ -458,12 +468,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await state.orchestrator.delete_item(item_id)
         return Response(status_code=204)
 
-    async def forward_json(
-        state: GatewayState, method: str, path: str, body: Any = None
-    ) -> dict[str, Any]:
-        response = await state.backends.metadata.request(method, path, json=body)
-        return response.json()
-
     @app.get(
         "/collections",
         tags=["collections"],
@@ -472,8 +476,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     async def list_collections(
         state: State, _: Annotated[Principal, require("items:read")]
-    ) -> dict[str, Any]:
-        return await forward_json(state, "GET", "/collections")
+    ) -> CollectionsOut:
+        return await state.backends.metadata.collections()
 
     @app.get(
         "/collections/{collection}",
@@ -484,8 +488,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     async def get_collection(
         collection: CollectionName, state: State, _: Annotated[Principal, require("items:read")]
-    ) -> dict[str, Any]:
-        return await forward_json(state, "GET", f"/collections/{collection}")
+    ) -> CollectionOut:
+        return await state.backends.metadata.collection(collection)
 
     @app.post(
         "/collections",
@@ -495,9 +499,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         summary="Create a collection with its model id and index settings. Scope admin.",
     )
     async def create_collection(
-        body: dict[str, Any], state: State, _: Annotated[Principal, require("admin")]
-    ) -> dict[str, Any]:
-        return await forward_json(state, "POST", "/collections", body)
+        body: CollectionCreate, state: State, _: Annotated[Principal, require("admin")]
+    ) -> CollectionOut:
+        return await state.backends.metadata.create_collection(body)
 
     @app.delete(
         "/collections/{collection}",
@@ -519,11 +523,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     async def find_hashes(
         collection: CollectionName,
-        body: dict[str, Any],
+        body: HashesRequest,
         state: State,
         _: Annotated[Principal, require("items:write")],
-    ) -> dict[str, Any]:
-        return await forward_json(state, "POST", f"/collections/{collection}/hashes", body)
+    ) -> HashesOut:
+        return await state.backends.metadata.find_hashes(collection, body)
 
     app.include_router(admin.router)
     return app

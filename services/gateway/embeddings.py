@@ -20,8 +20,9 @@ from collections.abc import Callable
 
 import numpy as np
 from prometheus_client import Counter
+from pydantic import ValidationError
 
-from shared.http import ServiceClient
+from shared.contracts.feature import FeatureClient
 from shared.problems import ProblemError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class ModelIdCache:
     """The feature service's current model id, trusted for ``ttl`` seconds."""
 
     def __init__(
-        self, feature: ServiceClient, *, ttl: float, clock: Callable[[], float] = time.monotonic
+        self, feature: FeatureClient, *, ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._feature = feature
         self.ttl = ttl
@@ -76,9 +77,8 @@ class ModelIdCache:
 
     async def refresh(self) -> None:
         try:
-            response = await self._feature.request("GET", "/model", retry=False, timeout=2.0)
-            self.learn(str(response.json()["model_id"]))
-        except (ProblemError, KeyError, ValueError) as exc:
+            self.learn((await self._feature.model(timeout=2.0)).model_id)
+        except (ProblemError, ValidationError) as exc:
             log.info("could not refresh the feature model id: %s", exc)
 
     async def aclose(self) -> None:

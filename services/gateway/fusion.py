@@ -11,8 +11,9 @@ Pure functions: the gateway fuses the vector and keyword rankings of ``/search/t
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 DEFAULT_K = 60
 
@@ -45,17 +46,24 @@ def reciprocal_rank_fusion(
     return fused if limit is None else fused[:limit]
 
 
+@dataclass(frozen=True)
+class Ranked:
+    """One ranked id before hydration: an item id, or a caption id for target=text."""
+
+    id: int
+    score: float
+
+
 def fuse_hits(
-    vector_hits: Iterable[Mapping[str, Any]],
-    keyword_hits: Iterable[Mapping[str, Any]],
+    vector_hits: Iterable[Ranked],
+    keyword_hits: Iterable[Ranked],
     *,
     top_k: int,
     k: int = DEFAULT_K,
     weights: tuple[float, float] = (1.0, 1.0),
-) -> list[dict[str, Any]]:
-    """Retrieval hits ``[{"id", "score"}]`` and metadata keyword hits ``[{"id", ...}]``, each
-    best first, fused into ``[{"id", "score"}]`` (the fused score) of at most ``top_k``: the shape
-    the gateway already hydrates into search results."""
-    rankings = [[hit["id"] for hit in vector_hits], [hit["id"] for hit in keyword_hits]]
+) -> list[Ranked]:
+    """A vector ranking and a keyword ranking, each best first, fused into at most ``top_k``
+    ids scored by their fused score: the shape the gateway hydrates into search results."""
+    rankings = [[hit.id for hit in vector_hits], [hit.id for hit in keyword_hits]]
     fused = reciprocal_rank_fusion(rankings, k=k, weights=weights, limit=top_k)
-    return [{"id": item, "score": score} for item, score in fused]
+    return [Ranked(item, score) for item, score in fused]

@@ -14,9 +14,19 @@ import numpy as np
 
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_text, text_digest
-from services.gateway.fusion import fuse_hits
+from services.gateway.fusion import Ranked, fuse_hits
 from services.gateway.schemas import Filters, SearchMode, Target
-from shared.contracts.feature import ImageEmbeddings, TextEmbeddingRequest, TextEmbeddings
+from shared.contracts.feature import FeatureClient
+from shared.contracts.metadata import (
+    FilterRequest,
+    HitsRequest,
+    ItemForm,
+    ItemOut,
+    KeywordSearchRequest,
+    MetadataClient,
+    StatusUpdate,
+)
+from shared.contracts.retrieval import DeleteRequest, RetrievalClient, SearchRequest, UpsertRequest
 from shared.contracts.vectors import encode_vectors
 from shared.http import ServiceClient
 from shared.problems import ProblemError, ServiceUnavailable
@@ -33,13 +43,19 @@ Embed = Callable[[], Awaitable[tuple[np.ndarray, str]]]
 
 @dataclass
 class Backends:
+    """The services behind the gateway, each behind its typed client (shared/contracts); auth
+    is plain HTTP, as its token endpoints are proxied byte for byte."""
+
     auth: ServiceClient
-    feature: ServiceClient
-    retrieval: ServiceClient
-    metadata: ServiceClient
+    feature: FeatureClient
+    retrieval: RetrievalClient
+    metadata: MetadataClient
+
+    def http_clients(self) -> tuple[ServiceClient, ...]:
+        return (self.auth, self.feature.http, self.retrieval.http, self.metadata.http)
 
     async def aclose(self) -> None:
-        for client in (self.auth, self.feature, self.retrieval, self.metadata):
+        for client in self.http_clients():
             await client.aclose()
 
 
@@ -154,7 +170,7 @@ class Orchestrator:
             else self._query_embedding("text", text_digest(query), compute)
         )
 
-        async def rank() -> tuple[list[dict[str, Any]], str | None]:
+        async def rank() -> tuple[list[Ranked], str | None]:
             if embed is None:
                 return await self._keyword_hits(query, target, top_k, collection, filters), None
             if mode == "vector":
@@ -180,7 +196,7 @@ class Orchestrator:
 
         embed = self._query_embedding("image", image.sha256, compute)
 
-        async def rank() -> tuple[list[dict[str, Any]], str | None]:
+        async def rank() -> tuple[list[Ranked], str | None]:
             return await self._vector_hits(embed, target, top_k, collection, filters)
 
         return await self._search(cache_parts, rank, embed, target, top_k, collection, filters)
@@ -191,7 +207,7 @@ class Orchestrator:
     async def _search(
         self,
         query_parts: dict[str, str],
-        rank: Callable[[], Awaitable[tuple[list[dict[str, Any]], str | None]]],
+        rank: Callable[[], Awaitable[tuple[list[Ranked], str | None]]],
         embed: QueryEmbedding | None,
         target: Target,
         top_k: int,
@@ -226,93 +242,71 @@ class Orchestrator:
 
     async def _vector_hits(
         self, embed: Embed, target: Target, top_k: int, collection: str, filters: Filters | None
-    ) -> tuple[list[dict[str, Any]], str]:
+    ) -> tuple[list[Ranked], str]:
         """Nearest neighbours of the query vector, restricted by the filters' allow-list."""
         vector, model_id = await embed()
         allow_ids: list[int] | None = None
         if filters:
-            response = await self.backends.metadata.request(
-                "POST",
-                f"/collections/{collection}/filter",
-                json={"filters": filters, "target": target},
-                retry=True,
+            allowed = await self.backends.metadata.filter(
+                collection, FilterRequest(filters=filters, target=target)
             )
-            allowed = response.json()
-            allow_ids = allowed["item_ids"] if target == "image" else allowed["caption_ids"]
+            allow_ids = allowed.item_ids if target == "image" else allowed.caption_ids
             if not allow_ids:
                 return [], model_id
-        response = await self.backends.retrieval.request(
-            "POST",
-            f"/collections/{collection}/search",
-            json={
-                "modality": target,
-                "vectors_base64": encode_vectors(vector[np.newaxis]),
-                "top_k": top_k,
-                "allow_ids": allow_ids,
-                "model_id": model_id,
-            },
-            retry=True,
+        found = await self.backends.retrieval.search(
+            collection,
+            SearchRequest(
+                modality=target,
+                vectors_base64=encode_vectors(vector[np.newaxis]),
+                top_k=top_k,
+                allow_ids=allow_ids,
+                model_id=model_id,
+            ),
         )
-        return response.json()["results"][0], model_id
+        return [Ranked(hit.id, hit.score) for hit in found.results[0]], model_id
 
     async def _keyword_hits(
         self, query: str, target: Target, top_k: int, collection: str, filters: Filters | None
-    ) -> list[dict[str, Any]]:
+    ) -> list[Ranked]:
         """Full-text matches over captions and tags, best first (the metadata service ranks)."""
-        response = await self.backends.metadata.request(
-            "POST",
-            f"/collections/{collection}/keyword-search",
-            json={"query": query, "top_k": top_k, "target": target, "filters": filters},
-            retry=True,
+        found = await self.backends.metadata.keyword_search(
+            collection,
+            KeywordSearchRequest(query=query, top_k=top_k, target=target, filters=filters),
         )
-        return response.json()["results"]
+        return [Ranked(hit.id, hit.score) for hit in found.results]
 
     async def _hydrate(
-        self, collection: str, hits: list[dict[str, Any]], target: Target
+        self, collection: str, hits: list[Ranked], target: Target
     ) -> list[dict[str, Any]]:
         """Turn (id, score) pairs into results with their items, in one metadata call; ids whose
         item is gone or not yet indexed are dropped rather than shown half-made."""
         if not hits:
             return []
-        response = await self.backends.metadata.request(
-            "POST",
-            f"/collections/{collection}/hits",
-            json={"target": target, "ids": [hit["id"] for hit in hits]},
-            retry=True,
+        answer = await self.backends.metadata.hits(
+            collection, HitsRequest(target=target, ids=[hit.id for hit in hits])
         )
-        found = {hit["id"]: hit for hit in response.json()["hits"]}
+        found = {entry.id: entry for entry in answer.hits}
         results: list[dict[str, Any]] = []
         for hit in hits:
-            if (entry := found.get(hit["id"])) is None:
+            if (entry := found.get(hit.id)) is None:
                 continue
             results.append(
                 {
                     "rank": len(results) + 1,
-                    "score": hit["score"],
-                    "item_id": entry["item"]["id"],
-                    "caption": entry["caption"],
-                    "item": public_item(entry["item"]),
+                    "score": hit.score,
+                    "item_id": entry.item.id,
+                    "caption": entry.caption.model_dump() if entry.caption else None,
+                    "item": public_item(entry.item),
                 }
             )
         return results
 
     async def _embed_images(self, images: list[Upload]) -> tuple[np.ndarray, str]:
-        response = await self.backends.feature.request(
-            "POST",
-            "/embed/image",
-            data={"encoding": "base64"},
-            files=[("images", image.as_file()) for image in images],
-            retry=True,
-        )
-        answer = ImageEmbeddings.model_validate_json(response.content)
+        answer = await self.backends.feature.embed_images([image.as_file() for image in images])
         return answer.matrix(), answer.model_id
 
     async def _embed_texts(self, texts: list[str]) -> tuple[np.ndarray, str]:
-        request = TextEmbeddingRequest(texts=texts, encoding="base64")
-        response = await self.backends.feature.request(
-            "POST", "/embed/text", json=request.model_dump(), retry=True
-        )
-        answer = TextEmbeddings.model_validate_json(response.content)
+        answer = await self.backends.feature.embed_texts(texts)
         return answer.matrix(), answer.model_id
 
     # -- items ----------------------------------------------------------------------------
@@ -351,28 +345,27 @@ class Orchestrator:
                 headers={"Retry-After": "1"},
             )
 
-        form: dict[str, Any] = {"collection": collection, "caption": captions, "tag": tags or []}
-        if attributes is not None:
-            form["attributes"] = attributes
-        if source_uri is not None:
-            form["source_uri"] = source_uri
-        response = await self.backends.metadata.request(
-            "POST", "/items", data=form, files={"image": image.as_file()}
+        form = ItemForm(
+            collection=collection,
+            captions=captions,
+            attributes=attributes,
+            tags=tags or [],
+            source_uri=source_uri,
         )
-        item = response.json()
-        caption_ids = [c["id"] for c in item["captions"]]
+        item = await self.backends.metadata.create_item(form, image.as_file())
+        caption_ids = [c.id for c in item.captions]
         try:
-            await self._upsert(collection, "image", model_id, [item["id"]], image_vectors)
+            await self._upsert(collection, "image", model_id, [item.id], image_vectors)
             if caption_ids and caption_vectors is not None:
                 await self._upsert(collection, "text", model_id, caption_ids, caption_vectors)
-            response = await self.backends.metadata.request(
-                "PATCH", f"/items/{item['id']}", json={"status": "indexed", "model_id": model_id}
+            indexed = await self.backends.metadata.set_status(
+                item.id, StatusUpdate(status="indexed", model_id=model_id)
             )
         except ProblemError as exc:
-            await self._undo_add(collection, item["id"], caption_ids, f"{exc.code}: {exc.detail}")
+            await self._undo_add(collection, item.id, caption_ids, f"{exc.code}: {exc.detail}")
             raise
         await self.cache.bump(collection)
-        return public_item(response.json())
+        return public_item(indexed)
 
     async def _upsert(
         self,
@@ -382,25 +375,22 @@ class Orchestrator:
         ids: list[int],
         vectors: np.ndarray,
     ) -> None:
-        # Upserts are idempotent by id, so a retry after a lost answer is safe.
-        await self.backends.retrieval.request(
-            "POST",
-            f"/collections/{collection}/upsert",
-            json={
-                "modality": modality,
-                "model_id": model_id,
-                "ids": ids,
-                "vectors_base64": encode_vectors(vectors),
-            },
-            retry=True,
+        await self.backends.retrieval.upsert(
+            collection,
+            UpsertRequest(
+                modality=modality,
+                model_id=model_id,
+                ids=ids,
+                vectors_base64=encode_vectors(vectors),
+            ),
         )
 
     async def _undo_add(
         self, collection: str, item_id: int, caption_ids: list[int], reason: str
     ) -> None:
         try:
-            await self.backends.metadata.request(
-                "PATCH", f"/items/{item_id}", json={"status": "failed", "error": reason[:4000]}
+            await self.backends.metadata.set_status(
+                item_id, StatusUpdate(status="failed", error=reason[:4000])
             )
             await self._delete_vectors(collection, item_id, caption_ids)
         except ProblemError as exc:
@@ -409,27 +399,26 @@ class Orchestrator:
 
     async def _delete_vectors(self, collection: str, item_id: int, caption_ids: list[int]) -> None:
         # Item ids and caption ids are separate id spaces: delete each in its own modality.
-        for modality, ids in (("image", [item_id]), ("text", caption_ids)):
+        modalities: tuple[tuple[Target, list[int]], ...] = (
+            ("image", [item_id]),
+            ("text", caption_ids),
+        )
+        for modality, ids in modalities:
             if ids:
-                await self.backends.retrieval.request(
-                    "POST",
-                    f"/collections/{collection}/delete",
-                    json={"ids": ids, "modality": modality},
-                    retry=True,
+                await self.backends.retrieval.delete(
+                    collection, DeleteRequest(ids=ids, modality=modality)
                 )
 
     async def get_item(self, item_id: int) -> dict[str, Any]:
-        response = await self.backends.metadata.request("GET", f"/items/{item_id}")
-        return public_item(response.json())
+        return public_item(await self.backends.metadata.item(item_id))
 
     async def delete_item(self, item_id: int) -> None:
-        response = await self.backends.metadata.request("GET", f"/items/{item_id}")
-        item = response.json()
+        item = await self.backends.metadata.item(item_id)
         # Metadata first: search results are resolved through metadata, so the item disappears
         # from results at once even if removing its vectors fails below.
-        await self.backends.metadata.request("DELETE", f"/items/{item_id}")
-        await self.cache.bump(item["collection"])
-        await self._delete_vectors(item["collection"], item_id, [c["id"] for c in item["captions"]])
+        await self.backends.metadata.delete_item(item_id)
+        await self.cache.bump(item.collection)
+        await self._delete_vectors(item.collection, item_id, [c.id for c in item.captions])
 
     # -- collections ------------------------------------------------------------------------
 
@@ -440,36 +429,33 @@ class Orchestrator:
         caption_ids: list[int] = []
         after: int | None = None
         while True:
-            params: dict[str, Any] = {"limit": 10_000}
-            if after is not None:
-                params["after"] = after
-            response = await self.backends.metadata.request(
-                "GET", f"/collections/{collection}/items", params=params
-            )
-            page = response.json()
-            for state in page["items"]:
-                image_ids.append(state["id"])
-                caption_ids.extend(state["caption_ids"])
-            after = page["next_after"]
+            page = await self.backends.metadata.item_states(collection, after=after, limit=10_000)
+            for state in page.items:
+                image_ids.append(state.id)
+                caption_ids.extend(state.caption_ids)
+            after = page.next_after
             if after is None:
                 break
-        response = await self.backends.metadata.request("DELETE", f"/collections/{collection}")
+        deleted = await self.backends.metadata.delete_collection(collection)
         await self.cache.bump(collection)
-        for modality, ids in (("image", image_ids), ("text", caption_ids)):
+        modalities: tuple[tuple[Target, list[int]], ...] = (
+            ("image", image_ids),
+            ("text", caption_ids),
+        )
+        for modality, ids in modalities:
             for start in range(0, len(ids), _DELETE_CHUNK):
+                chunk = ids[start : start + _DELETE_CHUNK]
                 try:
-                    await self.backends.retrieval.request(
-                        "POST",
-                        f"/collections/{collection}/delete",
-                        json={"ids": ids[start : start + _DELETE_CHUNK], "modality": modality},
-                        retry=True,
+                    await self.backends.retrieval.delete(
+                        collection, DeleteRequest(ids=chunk, modality=modality)
                     )
                 except ProblemError as exc:
                     if exc.code == "collection_not_found":  # never had vectors
                         break
                     raise
-        return response.json()
+        return deleted.model_dump(mode="json")
 
 
-def public_item(item: dict[str, Any]) -> dict[str, Any]:
-    return {**item, "image_url": f"/items/{item['id']}/image"}
+def public_item(item: ItemOut) -> dict[str, Any]:
+    """An item as the public API shows it: metadata's fields and the gateway's image URL."""
+    return {**item.model_dump(mode="json"), "image_url": f"/items/{item.id}/image"}

@@ -4,6 +4,7 @@ typed client its callers (the gateway, ``crossmodal reconcile``) use."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -216,6 +217,13 @@ class HashesOut(BaseModel):
 ImageFile = tuple[str, bytes, str]
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    data: bytes
+    content_type: str
+    etag: str | None
+
+
 class ItemForm(BaseModel):
     """The form fields of ``POST /items`` besides the image."""
 
@@ -275,9 +283,15 @@ class MetadataClient(ServiceApi):
         response = await self.http.request("GET", f"/items/{item_id}")
         return ItemOut.model_validate_json(response.content)
 
-    async def image(self, item_id: int) -> bytes:
-        response = await self.http.request("GET", f"/items/{item_id}/image")
-        return response.content
+    async def image(
+        self, item_id: int, *, size: Literal["original", "thumb"] = "original"
+    ) -> StoredImage:
+        response = await self.http.request("GET", f"/items/{item_id}/image", params={"size": size})
+        return StoredImage(
+            data=response.content,
+            content_type=response.headers.get("content-type", "application/octet-stream"),
+            etag=response.headers.get("etag"),
+        )
 
     async def set_status(self, item_id: int, update: StatusUpdate) -> ItemOut:
         # Setting the same status twice leaves the same state: safe to repeat.
@@ -309,6 +323,14 @@ class MetadataClient(ServiceApi):
     async def collections(self) -> CollectionsOut:
         response = await self.http.request("GET", "/collections")
         return CollectionsOut.model_validate_json(response.content)
+
+    async def create_collection(self, request: CollectionCreate) -> CollectionOut:
+        raw = await self._post("/collections", request, retry=False)
+        return CollectionOut.model_validate_json(raw)
+
+    async def find_hashes(self, collection: str, request: HashesRequest) -> HashesOut:
+        raw = await self._post(f"/collections/{collection}/hashes", request, retry=True)
+        return HashesOut.model_validate_json(raw)
 
     async def delete_collection(self, collection: str) -> CollectionDeleted:
         response = await self.http.request("DELETE", f"/collections/{collection}")

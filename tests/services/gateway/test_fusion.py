@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.fusion import fuse_hits, reciprocal_rank_fusion
+from services.gateway.fusion import Ranked, fuse_hits, reciprocal_rank_fusion
 
 
 def test_scores_are_sums_of_reciprocal_ranks() -> None:
@@ -38,9 +38,8 @@ def test_weights_limit_and_repeats() -> None:
 
 
 def test_fuse_hits_keeps_the_gateway_shape() -> None:
-    vector_hits = [{"id": 7, "score": 0.9}, {"id": 8, "score": 0.8}]
-    keyword_hits = [{"id": 9, "item_id": 9, "score": 12.0}, {"id": 8, "item_id": 8, "score": 3.0}]
+    vector_hits = [Ranked(7, 0.9), Ranked(8, 0.8)]
+    keyword_hits = [Ranked(9, 12.0), Ranked(8, 3.0)]
     fused = fuse_hits(vector_hits, keyword_hits, top_k=2)
-    assert [hit["id"] for hit in fused] == [8, 7]
-    assert set(fused[0]) == {"id", "score"}
-    assert fused[0]["score"] == pytest.approx(1 / 62 + 1 / 62)
+    assert [hit.id for hit in fused] == [8, 7]
+    assert fused[0].score == pytest.approx(1 / 62 + 1 / 62)

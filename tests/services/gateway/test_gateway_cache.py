@@ -22,6 +22,7 @@ from services.gateway.embeddings import (
 )
 from services.gateway.orchestrator import QueryEmbedding
 from services.gateway.redis_guard import GuardedRedis
+from shared.contracts.feature import FeatureClient, ModelInfo
 from shared.http import ServiceClient
 from tests.services.gateway.conftest import REDIS_URL
 
@@ -197,7 +198,16 @@ def _feature_stub(model_ids: list[str]) -> tuple[FastAPI, dict[str, int]]:
     @app.get("/model")
     async def model() -> dict[str, Any]:
         calls["model"] += 1
-        return {"model_id": model_ids[0]}
+        return ModelInfo(
+            model_id=model_ids[0],
+            dim=2,
+            image_size=32,
+            max_text_tokens=16,
+            device="cpu",
+            dtype="float32",
+            runtime="torch",
+            architecture="CLIPModel",
+        ).model_dump()
 
     return app, calls
 
@@ -214,7 +224,9 @@ async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
 async def test_model_id_is_learned_and_refreshed_in_the_background() -> None:
     model_ids = ["m1"]
     app, calls = _feature_stub(model_ids)
-    client = ServiceClient("feature", "http://f", transport=httpx.ASGITransport(app=app))
+    client = FeatureClient(
+        ServiceClient("feature", "http://f", transport=httpx.ASGITransport(app=app))
+    )
     clock = Clock()
     models = ModelIdCache(client, ttl=30, clock=clock)
     assert models.current() is None  # unknown: a refresh starts, the caller does not wait
@@ -234,7 +246,9 @@ async def test_model_id_is_learned_and_refreshed_in_the_background() -> None:
 
 async def test_a_query_embedding_is_used_under_the_current_model_id_only() -> None:
     app, _ = _feature_stub(["m1"])
-    client = ServiceClient("feature", "http://f", transport=httpx.ASGITransport(app=app))
+    client = FeatureClient(
+        ServiceClient("feature", "http://f", transport=httpx.ASGITransport(app=app))
+    )
     models = ModelIdCache(client, ttl=300)
     models.learn("m1")
     embeddings = EmbeddingCache(prefix="p", ttl_seconds=60)

@@ -4,6 +4,7 @@ order, and what it does with their answers."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -13,13 +14,32 @@ from fastapi import FastAPI, Request
 from services.gateway.cache import ResultCache
 from services.gateway.orchestrator import Backends, Orchestrator, Upload
 from services.gateway.redis_guard import GuardedRedis
+from shared.contracts.feature import FeatureClient
+from shared.contracts.metadata import CaptionOut, ItemOut, MetadataClient
+from shared.contracts.retrieval import RetrievalClient
 from shared.contracts.vectors import decode_vectors
 from shared.http import ServiceClient
 from shared.problems import ServiceUnavailable
 
 pytestmark = pytest.mark.anyio
 
-ITEM = {"id": 7, "collection": "c", "captions": [{"id": 70, "text": "a red circle"}]}
+ITEM = ItemOut(
+    id=7,
+    collection="c",
+    captions=[CaptionOut(id=70, text="a red circle")],
+    attributes={},
+    tags=[],
+    status="pending",
+    image_sha256="0" * 64,
+    content_type="image/png",
+    source_uri=None,
+    model_id=None,
+    error=None,
+    attempts=1,
+    created_at=datetime(2026, 12, 4, tzinfo=UTC),
+    updated_at=datetime(2026, 12, 4, tzinfo=UTC),
+    indexed_at=None,
+).model_dump(mode="json")
 
 
 def _client(name: str, app: FastAPI) -> ServiceClient:
@@ -63,9 +83,9 @@ def _stubs(text_model_id: str = "m1") -> tuple[Backends, dict[str, Any]]:
 
     backends = Backends(
         auth=_client("auth", FastAPI()),
-        feature=_client("feature", feature),
-        retrieval=_client("retrieval", retrieval),
-        metadata=_client("metadata", metadata),
+        feature=FeatureClient(_client("feature", feature)),
+        retrieval=RetrievalClient(_client("retrieval", retrieval)),
+        metadata=MetadataClient(_client("metadata", metadata)),
     )
     return backends, seen
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,22 @@ from crossmodal import reconcile as reconcile_module
 from crossmodal.reconcile import MetadataIds, Reconciler, diff, reconcile
 from services.retrieval.app import create_app
 from services.retrieval.settings import RetrievalSettings
+from shared.contracts.feature import (
+    FeatureClient,
+    ImageEmbeddings,
+    TextEmbeddingRequest,
+    TextEmbeddings,
+)
+from shared.contracts.metadata import (
+    CaptionOut,
+    ItemOut,
+    ItemState,
+    ItemStatesOut,
+    MetadataClient,
+    StatusUpdate,
+)
+from shared.contracts.retrieval import RetrievalClient
+from shared.http import ServiceClient
 
 DIM = 8
 MODEL = "clip-test"
@@ -127,10 +143,45 @@ class FakeMetadata:
             "id": item_id,
             "status": status,
             "caption_ids": sorted(captions),
-            "updated_at": updated.isoformat().replace("+00:00", "Z"),
+            "updated_at": updated,
+            "model_id": None,
+            "error": None,
             "image": f"image-{item_id}".encode(),
         }
         self.captions.update(captions)
+
+    def state(self, item_id: int) -> ItemState:
+        item = self.items[item_id]
+        return ItemState(
+            id=item_id,
+            status=item["status"],
+            image_sha256="0" * 64,
+            caption_ids=item["caption_ids"],
+            model_id=item["model_id"],
+            error=item["error"],
+            attempts=1,
+            updated_at=item["updated_at"],
+        )
+
+    def item(self, item_id: int) -> ItemOut:
+        item = self.items[item_id]
+        return ItemOut(
+            id=item_id,
+            collection="c",
+            captions=[CaptionOut(id=c, text=self.captions[c]) for c in item["caption_ids"]],
+            attributes={},
+            tags=[],
+            status=item["status"],
+            image_sha256="0" * 64,
+            content_type="image/png",
+            source_uri=None,
+            model_id=item["model_id"],
+            error=item["error"],
+            attempts=1,
+            created_at=item["updated_at"],
+            updated_at=item["updated_at"],
+            indexed_at=None,
+        )
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -140,29 +191,22 @@ class FakeMetadata:
             rows = sorted(i for i in self.items if i > after)
             page = rows[: self.page_size]
             more = len(rows) > self.page_size
-            items = [{k: v for k, v in self.items[i].items() if k != "image"} for i in page]
-            return httpx.Response(
-                200, json={"items": items, "next_after": page[-1] if more else None}
+            answer = ItemStatesOut(
+                items=[self.state(i) for i in page], next_after=page[-1] if more else None
             )
+            return httpx.Response(200, content=answer.model_dump_json())
         if request.method == "GET" and path.startswith("/collections/"):
             return httpx.Response(404, json={"code": "collection_not_found"})
         if request.method == "GET" and path.endswith("/image"):
             item = self.items[int(path.split("/")[2])]
             return httpx.Response(200, content=item["image"], headers={"content-type": "image/png"})
         if request.method == "GET" and path.startswith("/items/"):
-            item = self.items[int(path.split("/")[2])]
-            captions = [{"id": c, "text": self.captions[c]} for c in item["caption_ids"]]
-            return httpx.Response(
-                200, json={"id": item["id"], "content_type": "image/png", "captions": captions}
-            )
-        if request.method == "POST" and path == "/captions/lookup":
-            ids = json.loads(request.content)["ids"]
-            found = [{"id": i, "item_id": 0, "text": self.captions[i]} for i in ids]
-            return httpx.Response(200, json={"captions": found})
+            return httpx.Response(200, content=self.item(int(path.split("/")[2])).model_dump_json())
         if request.method == "PATCH" and path.startswith("/items/"):
-            item = self.items[int(path.split("/")[2])]
-            item.update(json.loads(request.content))
-            return httpx.Response(200, json={k: v for k, v in item.items() if k != "image"})
+            item_id = int(path.split("/")[2])
+            update = StatusUpdate.model_validate_json(request.content)
+            self.items[item_id].update(update.model_dump(exclude_unset=True))
+            return httpx.Response(200, content=self.item(item_id).model_dump_json())
         return httpx.Response(404, json={"code": "not_found"})
 
 
@@ -175,15 +219,34 @@ def embedding(key: str) -> list[float]:
 
 def fake_feature(request: httpx.Request) -> httpx.Response:
     if request.url.path == "/embed/text":
-        texts = json.loads(request.content)["texts"]
-        return httpx.Response(
-            200, json={"model_id": MODEL, "dim": DIM, "vectors": [embedding(t) for t in texts]}
-        )
+        texts = TextEmbeddingRequest.model_validate_json(request.content).texts
+        vectors = np.asarray([embedding(t) for t in texts], dtype=np.float32)
+        answer = TextEmbeddings.of(MODEL, vectors, "base64", truncated=[False] * len(texts))
+        return httpx.Response(200, content=answer.model_dump_json(exclude_none=True))
     # multipart: the fake takes the image's bytes from the body
     content = request.content
     start = content.index(b"image-")
     key = content[start : content.index(b"\r\n", start)].decode()
-    return httpx.Response(200, json={"model_id": MODEL, "dim": DIM, "vectors": [embedding(key)]})
+    answer = ImageEmbeddings.of(MODEL, np.asarray([embedding(key)], dtype=np.float32), "base64")
+    return httpx.Response(200, content=answer.model_dump_json(exclude_none=True))
+
+
+class Lent(httpx.AsyncBaseTransport):
+    """The retrieval app under TestClient (its lifespan running there) lent to an async client;
+    ``calls`` records each request's path."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+        self.calls: list[str] | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.calls is not None:
+            self.calls.append(f"retrieval {request.url.path}")
+        body = await request.aread()
+        answer = self.client.request(
+            request.method, str(request.url), headers=request.headers, content=body
+        )
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
 
 
 @pytest.fixture
@@ -231,16 +294,23 @@ def drifted(retrieval: TestClient) -> FakeMetadata:
     return metadata
 
 
+def _client(name: str, transport: httpx.AsyncBaseTransport) -> ServiceClient:
+    return ServiceClient(name, f"http://{name}", transport=transport)
+
+
 def reconciler(
     retrieval: TestClient, metadata: FakeMetadata, *, feature: bool = True
 ) -> Reconciler:
-    meta = httpx.Client(base_url="http://metadata", transport=httpx.MockTransport(metadata.handle))
-    feat = httpx.Client(base_url="http://feature", transport=httpx.MockTransport(fake_feature))
-    return Reconciler(meta, retrieval, feat if feature else None)
+    return Reconciler(
+        MetadataClient(_client("metadata", httpx.MockTransport(metadata.handle))),
+        RetrievalClient(_client("retrieval", Lent(retrieval))),
+        FeatureClient(_client("feature", httpx.MockTransport(fake_feature))) if feature else None,
+    )
 
 
-def test_check_finds_each_kind_of_drift(retrieval: TestClient, drifted: FakeMetadata) -> None:
-    report = reconciler(retrieval, drifted).check("c", stale_after=timedelta(minutes=10))
+@pytest.mark.anyio
+async def test_check_finds_each_kind_of_drift(retrieval: TestClient, drifted: FakeMetadata) -> None:
+    report = await reconciler(retrieval, drifted).check("c", stale_after=timedelta(minutes=10))
     assert report.summary() == {
         "collection": "c",
         "method": "listing",
@@ -260,12 +330,13 @@ def test_check_finds_each_kind_of_drift(retrieval: TestClient, drifted: FakeMeta
     assert drift_gauge("c", "text", "metadata_only") == 1  # 104
 
 
-def test_repair_reindexes_deletes_and_leaves_writes_in_flight_alone(
+@pytest.mark.anyio
+async def test_repair_reindexes_deletes_and_leaves_writes_in_flight_alone(
     retrieval: TestClient, drifted: FakeMetadata
 ) -> None:
     tool = reconciler(retrieval, drifted)
-    report = tool.check("c")
-    repaired = tool.repair(report)
+    report = await tool.check("c")
+    repaired = await tool.repair(report)
     assert repaired.errors == []
     assert sorted(repaired.reindexed) == [2, 4]
     assert repaired.vectors_deleted == 4  # orphans 9 and 109, failed item 3 and its caption
@@ -280,7 +351,7 @@ def test_repair_reindexes_deletes_and_leaves_writes_in_flight_alone(
         json={"modality": "image", "vectors": [embedding("image-2")], "top_k": 1},
     ).json()["results"][0][0]
     assert hit["id"] == 2 and hit["score"] == pytest.approx(1.0, abs=1e-5)
-    after = tool.check("c")
+    after = await tool.check("c")
     assert after.clean and after.summary()["metadata"] == {
         "pending": 1,
         "indexed": 3,
@@ -288,32 +359,37 @@ def test_repair_reindexes_deletes_and_leaves_writes_in_flight_alone(
     }
     assert drift_gauge("c", "image", "metadata_only") == 0
     # Failed items come back on request.
-    retried = tool.repair(after, retry_failed=True)
+    retried = await tool.repair(after, retry_failed=True)
     assert retried.reindexed == [3] and drifted.items[3]["status"] == "indexed"
     assert 3 in ids_of(retrieval, "image") and 103 in ids_of(retrieval, "text")
 
 
-def test_without_a_feature_service_drifted_items_are_marked_failed(
+@pytest.mark.anyio
+async def test_without_a_feature_service_drifted_items_are_marked_failed(
     retrieval: TestClient, drifted: FakeMetadata
 ) -> None:
     tool = reconciler(retrieval, drifted, feature=False)
-    repaired = tool.repair(tool.check("c"))
+    repaired = await tool.repair(await tool.check("c"))
     assert repaired.reindexed == [] and sorted(repaired.marked_failed) == [2, 4]
     assert drifted.items[2]["status"] == "failed"
     # Item 2's caption vector went with it: a failed item holds no vectors.
     assert ids_of(retrieval, "image") == [1, 5]
     assert ids_of(retrieval, "text") == [101, 105]
-    assert tool.check("c").clean
+    assert (await tool.check("c")).clean
 
 
-def test_a_collection_retrieval_never_saw(retrieval: TestClient) -> None:
+@pytest.mark.anyio
+async def test_a_collection_retrieval_never_saw(retrieval: TestClient) -> None:
     metadata = FakeMetadata()
     metadata.add(1, "indexed", {})
-    report = reconciler(retrieval, metadata).check("c")
+    report = await reconciler(retrieval, metadata).check("c")
     assert report.missing == [1] and report.retrieval_counts == {"image": 0, "text": 0}
 
 
-def test_retrieval_is_read_before_metadata(retrieval: TestClient, drifted: FakeMetadata) -> None:
+@pytest.mark.anyio
+async def test_retrieval_is_read_before_metadata(
+    retrieval: TestClient, drifted: FakeMetadata
+) -> None:
     calls: list[str] = []
     handle = drifted.handle
 
@@ -322,11 +398,11 @@ def test_retrieval_is_read_before_metadata(retrieval: TestClient, drifted: FakeM
         return handle(request)
 
     drifted.handle = record  # type: ignore[method-assign]
-    retrieval.event_hooks = {"request": [lambda r: calls.append(f"retrieval {r.url.path}")]}
-    try:
-        reconciler(retrieval, drifted).check("c")
-    finally:
-        retrieval.event_hooks = {"request": []}
+    tool = reconciler(retrieval, drifted)
+    lent = tool.retrieval.http._client._transport  # the Lent transport of this reconciler
+    assert isinstance(lent, Lent)
+    lent.calls = calls
+    await tool.check("c")
     listings = [i for i, c in enumerate(calls) if c.startswith("retrieval /collections/c/ids")]
     first_metadata = next(i for i, c in enumerate(calls) if c.startswith("metadata"))
     assert len(listings) == 2 and max(listings) < first_metadata
@@ -338,31 +414,20 @@ def test_command_line(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    real_client = httpx.Client
-
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("unreachable", request=request)
 
-    class Borrowed:
-        """The app under TestClient, lent to the command without letting it close it."""
+    transports: dict[str, httpx.AsyncBaseTransport] = {
+        "http://retrieval": Lent(retrieval),
+        "http://metadata": httpx.MockTransport(drifted.handle),
+        "http://feature": httpx.MockTransport(fake_feature),
+    }
 
-        def __enter__(self) -> TestClient:
-            return retrieval
+    def client(name: str, base_url: str) -> ServiceClient:
+        transport = transports.get(base_url, httpx.MockTransport(unreachable))
+        return ServiceClient(name, base_url, transport=transport)
 
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-    def client(base_url: str, **kwargs: Any) -> Any:
-        if base_url == "http://retrieval":
-            return Borrowed()
-        handlers: dict[str, Callable[[httpx.Request], httpx.Response]] = {
-            "http://metadata": drifted.handle,
-            "http://feature": fake_feature,
-        }
-        handler = handlers.get(base_url, unreachable)
-        return real_client(base_url=base_url, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(reconcile_module.httpx, "Client", client)
+    monkeypatch.setattr(reconcile_module, "service_client", client)
     urls = ["--retrieval-url", "http://retrieval", "--metadata-url", "http://metadata"]
     assert reconcile_module.main([*urls, "--collection", "c"]) == 1  # drift found
     found = json.loads(capsys.readouterr().out.splitlines()[-1])
