@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import SettingsConfigDict
 
 from services.auth.scopes import KNOWN_SCOPES, format_scopes, unknown_scopes
+from shared.contracts.auth import MAX_SECRET_LENGTH, NAME_PATTERN
 from shared.settings import ServiceSettings
 
 DEFAULT_DEV_PASSWORD = "demo-password"
@@ -16,9 +17,6 @@ MIN_PRODUCTION_SECRET_LENGTH = 12
 # OWASP's minimum argon2id profile (t=2, m=19 MiB); anything cheaper is refused in production.
 MIN_PRODUCTION_ARGON2_TIME_COST = 2
 MIN_PRODUCTION_ARGON2_MEMORY_KIB = 19 * 1024
-# User names and client ids: printable, no spaces or colons (a colon would break HTTP Basic).
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
-MAX_SECRET_LENGTH = 1024
 # Secrets set through the admin API or command, in every environment.
 MIN_ADMIN_SECRET_LENGTH = 12
 

@@ -1,0 +1,172 @@
+"""The auth service's admin API (services/auth/admin_api.py) as the gateway forwards it: its
+bodies, declared once for both, and the typed client the gateway's ``/admin`` router uses."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from shared.contracts.client import JSON_HEADERS, ServiceApi
+
+# User names and client ids: printable, no spaces or colons (a colon would break HTTP Basic).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+MAX_SECRET_LENGTH = 1024
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Secret = Annotated[
+    SecretStr,
+    Field(
+        min_length=1,
+        max_length=MAX_SECRET_LENGTH,
+        json_schema_extra={"format": "password", "writeOnly": True},
+    ),
+]
+PrincipalKind = Literal["user", "client"]
+
+
+class PrincipalOut(BaseModel):
+    name: str
+    kind: PrincipalKind
+    scopes: list[str]
+    disabled: bool
+    created_at: datetime
+
+
+class PrincipalList(BaseModel):
+    principals: list[PrincipalOut]
+
+
+class PrincipalCreate(BaseModel):
+    # Errors must never echo the input: it holds a secret.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    name: Name
+    kind: PrincipalKind = "user"
+    secret: Secret | None = Field(
+        None,
+        description="The password or client secret (12+ characters); generated and returned "
+        "when omitted.",
+    )
+    scopes: list[str] = Field(default_factory=list, examples=[["search:text", "items:read"]])
+
+
+class PrincipalCreated(BaseModel):
+    principal: PrincipalOut
+    secret: str | None = Field(None, description="The generated secret, shown only this once.")
+
+
+class PrincipalUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    scopes: list[str] | None = None
+    disabled: bool | None = None
+    secret: Secret | None = None
+
+
+class RevocationOut(BaseModel):
+    kind: Literal["jti", "subject"]
+    jti: str | None = None
+    sub: str | None = None
+    not_before: int | None = None
+    expires_at: float
+
+
+class TokenRevocation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jti: str = Field(min_length=1, max_length=64)
+    expires_at: float | None = Field(
+        None, description="The token's exp, when known: the entry is dropped after it."
+    )
+
+
+class KeyOut(BaseModel):
+    kid: str
+    created_at: float
+    retired_at: float | None
+    signing: bool
+    published: bool
+    published_until: float | None
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+class RotationOut(BaseModel):
+    kid: str
+    previous_kid: str
+    previous_published_until: float
+
+
+def _wire(body: PrincipalCreate | PrincipalUpdate, **dump: Any) -> str:
+    """The body as JSON with its secret in clear (pydantic masks ``SecretStr`` when dumping)."""
+    data = body.model_dump(mode="json", **dump)
+    if body.secret is not None:
+        data["secret"] = body.secret.get_secret_value()
+    return json.dumps(data)
+
+
+def _segment(name: str) -> str:
+    # Names are restricted at creation; anything else cannot exist, but must not reach another
+    # path of the auth service either.
+    return quote(name, safe="")
+
+
+class AuthAdminClient(ServiceApi):
+    """The auth service's ``/admin`` API, called with the admin's own token (``authorization``,
+    the header as received): the auth service checks it again itself. Admin writes are never
+    retried; a lost answer is for the admin to look at."""
+
+    async def _call(
+        self, method: str, path: str, authorization: str, content: str | None = None
+    ) -> bytes:
+        headers = {"Authorization": authorization}
+        if content is not None:
+            headers |= JSON_HEADERS
+        response = await self.http.request(
+            method, f"/admin{path}", headers=headers, content=content, retry=method == "GET"
+        )
+        return response.content
+
+    async def principals(self, authorization: str) -> PrincipalList:
+        return PrincipalList.model_validate_json(
+            await self._call("GET", "/principals", authorization)
+        )
+
+    async def create_principal(self, authorization: str, body: PrincipalCreate) -> PrincipalCreated:
+        raw = await self._call("POST", "/principals", authorization, _wire(body, exclude_none=True))
+        return PrincipalCreated.model_validate_json(raw)
+
+    async def principal(self, authorization: str, name: str) -> PrincipalOut:
+        return PrincipalOut.model_validate_json(
+            await self._call("GET", f"/principals/{_segment(name)}", authorization)
+        )
+
+    async def update_principal(
+        self, authorization: str, name: str, body: PrincipalUpdate
+    ) -> PrincipalOut:
+        raw = await self._call(
+            "PATCH", f"/principals/{_segment(name)}", authorization, _wire(body, exclude_unset=True)
+        )
+        return PrincipalOut.model_validate_json(raw)
+
+    async def revoke_principal_tokens(self, authorization: str, name: str) -> RevocationOut:
+        raw = await self._call("POST", f"/principals/{_segment(name)}/revoke-tokens", authorization)
+        return RevocationOut.model_validate_json(raw)
+
+    async def revoke_token(self, authorization: str, body: TokenRevocation) -> RevocationOut:
+        raw = await self._call("POST", "/revocations", authorization, body.model_dump_json())
+        return RevocationOut.model_validate_json(raw)
+
+    async def keys(self, authorization: str) -> KeyList:
+        return KeyList.model_validate_json(await self._call("GET", "/keys", authorization))
+
+    async def rotate_key(self, authorization: str) -> RotationOut:
+        return RotationOut.model_validate_json(
+            await self._call("POST", "/keys/rotate", authorization)
+        )
