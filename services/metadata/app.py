@@ -173,9 +173,12 @@ def filter_collection(repo: Repo, collection: str, body: FilterRequest) -> Filte
     return repo.filter_items(collection, body.filters, body.target)
 
 
-@router.post("/collections/{collection}/hits")
-def hits(repo: Repo, collection: str, body: HitsRequest) -> HitsOut:
-    return HitsOut(hits=repo.hits(collection, body.target, body.ids))
+@router.post("/collections/{collection}/hits", response_model=HitsOut)
+async def hits(repo: Repo, collection: str, body: HitsRequest) -> Response:
+    # On every uncached search: the repository writes the HitsOut JSON itself, in one thread
+    # hop (a sync route takes a second one to validate and serialise its answer).
+    answer = await run_in_threadpool(repo.hits_json, collection, body.target, body.ids)
+    return Response(answer, media_type="application/json")
 
 
 @router.post("/collections/{collection}/keyword-search")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Gauge
-from sqlalchemy import Engine, delete, func, select, text
+from pydantic_core import to_json
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,7 +53,6 @@ from shared.contracts.metadata import (
     CollectionOut,
     FilterOut,
     HashMatch,
-    Hit,
     IndexSettings,
     ItemOut,
     ItemState,
@@ -105,6 +105,43 @@ def _item_view(item: Item) -> ItemOut:
         updated_at=_utc(item.updated_at),
         indexed_at=_utc_or_none(item.indexed_at),
     )
+
+
+# The queries behind POST /collections/{collection}/hits, on every uncached search: built once,
+# compiled once per dialect (SQLAlchemy caches them), returning plain rows.
+_NO_HITS = b'{"hits":[]}'
+_CAPTIONS_BY_ID = select(Caption.id, Caption.item_id, Caption.text).where(
+    Caption.id.in_(bindparam("ids", expanding=True))
+)
+_INDEXED_ITEMS = select(
+    Item.id,
+    Item.collection,
+    Item.attributes,
+    Item.status,
+    Item.image_sha256,
+    Item.content_type,
+    Item.source_uri,
+    Item.model_id,
+    Item.error,
+    Item.attempts,
+    Item.created_at,
+    Item.updated_at,
+    Item.indexed_at,
+).where(
+    Item.id.in_(bindparam("ids", expanding=True)),
+    Item.collection == bindparam("collection"),
+    Item.status == "indexed",
+)
+_ITEM_CAPTIONS = (
+    select(Caption.item_id, Caption.id, Caption.text)
+    .where(Caption.item_id.in_(bindparam("ids", expanding=True)))
+    .order_by(Caption.item_id, Caption.position)
+)
+_ITEM_TAGS = (
+    select(ItemTag.item_id, ItemTag.tag)
+    .where(ItemTag.item_id.in_(bindparam("ids", expanding=True)))
+    .order_by(ItemTag.item_id, ItemTag.position)
+)
 
 
 def _search_text(captions: list[str], tags: list[str]) -> str:
@@ -434,43 +471,78 @@ class Repository:
             }
         return [found[i] for i in wanted if i in found]
 
-    def hits(self, collection: str, target: str, ids: list[int]) -> list[Hit]:
-        """Search hits of ``collection`` with their items (and captions, for target=text), in
-        the order of ``ids``: what a page of results shows, in one call. Items that are not
-        indexed, or of another collection, are left out."""
+    def hits_json(self, collection: str, target: str, ids: list[int]) -> bytes:
+        """The JSON of ``HitsOut``: search hits of ``collection`` with their items (and
+        captions, for target=text), in the order of ``ids``, each once: what a page of results
+        shows, in one call. Items that are not indexed, or of another collection, are left out.
+
+        On every uncached search, so built from plain rows (no ORM objects, no models) and
+        serialised by pydantic-core, which writes the same JSON as the models would."""
         wanted = list(dict.fromkeys(i for i in ids if _is_int64(i)))
         if not wanted:
-            return []
-        with self._session() as session:
-            captions: dict[int, CaptionOut] = {}
-            caption_items: dict[int, int] = {}
+            return _NO_HITS
+        with self.engine.connect() as connection:
+            caption_of: dict[int, tuple[int, str]] = {}
             if target == "text":
-                rows = session.execute(
-                    select(Caption.id, Caption.item_id, Caption.text).where(Caption.id.in_(wanted))
-                )
-                for row in rows:
-                    captions[row.id] = CaptionOut(id=row.id, text=row.text)
-                    caption_items[row.id] = row.item_id
-                item_ids = list(dict.fromkeys(caption_items[i] for i in wanted if i in captions))
+                for caption_id, item_id, caption_text in connection.execute(
+                    _CAPTIONS_BY_ID, {"ids": wanted}
+                ):
+                    caption_of[caption_id] = (item_id, caption_text)
+                item_ids = list(dict.fromkeys(caption_of[i][0] for i in wanted if i in caption_of))
             else:
                 item_ids = wanted
-            items = {
-                item.id: _item_view(item)
-                for item in session.scalars(
-                    select(Item).where(
-                        Item.id.in_(item_ids),
-                        Item.collection == collection,
-                        Item.status == "indexed",
-                    )
-                )
-            }
+            items = self._item_views(connection, collection, item_ids) if item_ids else {}
+        hits: list[dict[str, Any]]
         if target == "text":
-            return [
-                Hit(id=i, caption=captions[i], item=items[caption_items[i]])
+            hits = [
+                {"id": i, "caption": {"id": i, "text": caption_of[i][1]}, "item": item}
                 for i in wanted
-                if i in captions and caption_items[i] in items
+                if i in caption_of and (item := items.get(caption_of[i][0])) is not None
             ]
-        return [Hit(id=i, caption=None, item=items[i]) for i in wanted if i in items]
+        else:
+            hits = [
+                {"id": i, "caption": None, "item": item}
+                for i in wanted
+                if (item := items.get(i)) is not None
+            ]
+        return to_json({"hits": hits})
+
+    @staticmethod
+    def _item_views(
+        connection: Connection, collection: str, item_ids: list[int]
+    ) -> dict[int, dict[str, Any]]:
+        """Indexed items of ``collection`` among ``item_ids`` as ``ItemOut`` dicts (same keys,
+        same order), with their captions and tags: three indexed queries, whatever the count."""
+        rows = connection.execute(_INDEXED_ITEMS, {"ids": item_ids, "collection": collection}).all()
+        if not rows:
+            return {}
+        found = [row[0] for row in rows]
+        captions: dict[int, list[dict[str, Any]]] = {i: [] for i in found}
+        for item_id, caption_id, caption_text in connection.execute(_ITEM_CAPTIONS, {"ids": found}):
+            captions[item_id].append({"id": caption_id, "text": caption_text})
+        tags: dict[int, list[str]] = {i: [] for i in found}
+        for item_id, tag in connection.execute(_ITEM_TAGS, {"ids": found}):
+            tags[item_id].append(tag)
+        return {
+            row[0]: {
+                "id": row[0],
+                "collection": row[1],
+                "captions": captions[row[0]],
+                "attributes": row[2],
+                "tags": tags[row[0]],
+                "status": row[3],
+                "image_sha256": row[4],
+                "content_type": row[5],
+                "source_uri": row[6],
+                "model_id": row[7],
+                "error": row[8],
+                "attempts": row[9],
+                "created_at": _utc(row[10]),
+                "updated_at": _utc(row[11]),
+                "indexed_at": _utc_or_none(row[12]),
+            }
+            for row in rows
+        }
 
     # --- filters and keyword search ---------------------------------------------------------
 
