@@ -7,13 +7,21 @@ triggers one JWKS refresh (at most once per ``min_refresh_interval``) to follow 
 A token must carry ``exp``, ``iat``, ``iss``, ``aud``, ``sub`` and ``jti``; ``nbf`` and ``iat``
 in the future are refused, so is a revoked ``jti`` or a token of a subject whose tokens were
 all revoked after it was issued.
+
+With ``memo_size`` the verifier remembers the principal of each token it accepted (by the
+token's SHA-256, at most ``memo_size`` of them, least recently used out) until the token's
+``exp``: a client that sends the same token again is not verified again. The revocation check
+still runs on every call, and a remembered token is verified again once its key is no longer
+the one the key source gives for its ``kid`` (rotation, a JWKS refresh).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,6 +102,8 @@ class JwksKeySource:
         self._lock = asyncio.Lock()
 
     async def _refresh(self, *, force: bool) -> None:
+        if not force and time.monotonic() - self._fetched_at < self.cache_seconds:
+            return  # the common case, without the lock
         async with self._lock:
             age = time.monotonic() - self._fetched_at
             if age < self.min_refresh_interval or (not force and age < self.cache_seconds):
@@ -109,6 +119,17 @@ class JwksKeySource:
         return self._keys.get(kid)
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A token the verifier accepted: its principal, the key that verified it, and until when
+    (its ``exp``, wall clock) it may be trusted without checking its signature again."""
+
+    principal: Principal
+    kid: str
+    key: jwt.PyJWK
+    expires_at: float
+
+
 class TokenVerifier:
     def __init__(
         self,
@@ -120,6 +141,8 @@ class TokenVerifier:
         cache_seconds: float = 300.0,
         min_refresh_interval: float = 5.0,
         revocations: RevocationCheck | None = None,
+        memo_size: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if isinstance(keys, ServiceClient):
             keys = JwksKeySource(
@@ -130,6 +153,9 @@ class TokenVerifier:
         self.audience = audience
         self.leeway = leeway_seconds
         self.revocations = revocations
+        self.memo_size = memo_size
+        self._clock = clock
+        self._memo: OrderedDict[bytes, _Verified] = OrderedDict()
 
     async def _key_for(self, kid: str) -> jwt.PyJWK:
         try:
@@ -145,6 +171,38 @@ class TokenVerifier:
         return key
 
     async def verify(self, token: str) -> Principal:
+        principal = await self.remembered(token)
+        if principal is not None:
+            return principal
+        principal, verified = await self._verify(token)
+        if self.memo_size > 0:
+            digest = hashlib.sha256(token.encode()).digest()
+            self._memo[digest] = verified
+            if len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
+        if self.revocations is not None:
+            await self.revocations.check(principal)
+        return principal
+
+    async def remembered(self, token: str) -> Principal | None:
+        """The principal of ``token`` if it was verified before and may still be trusted
+        without checking its signature again (then its revocation is checked); else None."""
+        if self.memo_size <= 0:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        entry = self._memo.get(digest)
+        if entry is None:
+            return None
+        # Past ``exp`` the full check decides (it allows the leeway, then says token_expired).
+        if self._clock() >= entry.expires_at or await self._key_for(entry.kid) is not entry.key:
+            self._memo.pop(digest, None)
+            return None
+        self._memo.move_to_end(digest)
+        if self.revocations is not None:
+            await self.revocations.check(entry.principal)
+        return entry.principal
+
+    async def _verify(self, token: str) -> tuple[Principal, _Verified]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -181,9 +239,7 @@ class TokenVerifier:
             issued_at=int(claims["iat"]),
             expires_at=int(claims["exp"]),
         )
-        if self.revocations is not None:
-            await self.revocations.check(principal)
-        return principal
+        return principal, _Verified(principal, kid, key, float(claims["exp"]))
 
 
 def bearer_token(authorization: str | None) -> str:

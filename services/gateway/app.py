@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # Headers of the auth service's token answers that the client must see as they are.
 _TOKEN_HEADERS = ("cache-control", "pragma", "www-authenticate", "retry-after")
+# Tokens whose verification the gateway remembers (until each one's exp; revocation is still
+# checked on every request): a client sends the same token with every request.
+_TOKEN_MEMO_SIZE = 4096
 
 
 @dataclass
@@ -163,6 +166,7 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
                 issuer=settings.jwt_issuer,
                 audience=settings.jwt_audience,
                 revocations=revocations,
+                memo_size=_TOKEN_MEMO_SIZE,
             ),
             revocations=revocations,
             limiter=(

@@ -4,6 +4,7 @@ unknown kid, revoked jti or subject, missing scope)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -263,3 +264,133 @@ def test_revocation_set_keeps_entries_until_they_expire() -> None:
     assert revocations.is_revoked(alice)
     revocations.prune(200.0)
     assert not revocations.is_revoked(alice)
+
+
+def memo_verifier(
+    server: KeyServer, *, revocations: Revoked | None = None, clock: Any = time.time, size: int = 8
+) -> TokenVerifier:
+    client = ServiceClient("auth", "http://auth", transport=httpx.ASGITransport(app=server.app))
+    return TokenVerifier(
+        client,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        min_refresh_interval=0,
+        revocations=revocations,
+        memo_size=size,
+        clock=clock,
+    )
+
+
+class Decodes:
+    """Counts the signature checks (``jwt.decode`` calls) a verifier makes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = jwt.decode
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(jwt, "decode", counting)
+
+
+async def test_a_remembered_token_is_not_verified_again(
+    server: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = Decodes(monkeypatch)
+    v = memo_verifier(server)
+    token = server.sign("k1", scope="search:text items:read")
+    first = await v.verify(token)
+    assert await v.verify(token) is first
+    assert decodes.count == 1
+    # Another token, even of the same subject, is verified on its own.
+    await v.verify(server.sign("k1", jti="j2"))
+    assert decodes.count == 2
+    # A forged token is never taken for a remembered one.
+    with pytest.raises(Unauthorized):
+        await v.verify(token[:-4] + "AAAA")
+
+
+async def test_a_remembered_token_is_still_refused_once_revoked(
+    server: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revoked = Revoked()
+    decodes = Decodes(monkeypatch)
+    v = memo_verifier(server, revocations=revoked)
+    now = int(time.time())
+    token = server.sign("k1", jti="j-later", iat=now - 10)
+    await v.verify(token)
+    await v.verify(token)
+    assert decodes.count == 1
+    revoked.set.apply([{"jti": "j-later", "expires_at": now + 60}])
+    with pytest.raises(Unauthorized) as raised:
+        await v.verify(token)
+    assert raised.value.code == "token_revoked"
+    # A subject-wide revocation too.
+    other = server.sign("k1", jti="j-sub", iat=now - 10)
+    await v.verify(other)
+    revoked.set.apply([{"sub": "alice", "not_before": now, "expires_at": now + 60}])
+    with pytest.raises(Unauthorized) as raised:
+        await v.verify(other)
+    assert raised.value.code == "token_revoked"
+
+
+async def test_a_remembered_token_is_verified_again_from_its_exp(
+    server: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [time.time()]
+    v = memo_verifier(server, clock=lambda: now[0])
+    token = server.sign("k1", exp=FromNow(+60))
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    decodes = Decodes(monkeypatch)
+    await v.verify(token)
+    now[0] = exp - 1
+    await v.verify(token)
+    assert decodes.count == 1
+    now[0] = exp
+    await v.verify(token)  # the full check again (which still allows its leeway)
+    assert decodes.count == 2
+
+
+async def test_an_expired_remembered_token_is_refused(server: KeyServer) -> None:
+    client = ServiceClient("auth", "http://auth", transport=httpx.ASGITransport(app=server.app))
+    v = TokenVerifier(
+        client, issuer=ISSUER, audience=AUDIENCE, leeway_seconds=0, min_refresh_interval=0,
+        memo_size=8,
+    )  # fmt: skip
+    token = server.sign("k1", exp=FromNow(+1))
+    await v.verify(token)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    await asyncio.sleep(max(0.0, exp + 0.2 - time.time()))
+    with pytest.raises(Unauthorized) as raised:
+        await v.verify(token)
+    assert raised.value.code == "token_expired"
+
+
+async def test_a_remembered_token_of_a_removed_key_is_refused(server: KeyServer) -> None:
+    client = ServiceClient("auth", "http://auth", transport=httpx.ASGITransport(app=server.app))
+    v = TokenVerifier(
+        client, issuer=ISSUER, audience=AUDIENCE, cache_seconds=0, min_refresh_interval=0,
+        memo_size=8,
+    )  # fmt: skip
+    server.add_key("k2")
+    token = server.sign("k2")
+    await v.verify(token)
+    del server.keys["k2"]  # the key is withdrawn from the JWKS
+    with pytest.raises(Unauthorized) as raised:
+        await v.verify(token)
+    assert "unknown key" in raised.value.detail
+
+
+async def test_the_memo_is_bounded(server: KeyServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    decodes = Decodes(monkeypatch)
+    v = memo_verifier(server, size=2)
+    a, b, c = (server.sign("k1", jti=j) for j in "abc")
+    for token in (a, b, a, c):  # c pushes out b, the least recently used
+        await v.verify(token)
+    assert decodes.count == 3
+    await v.verify(a)
+    assert decodes.count == 3
+    await v.verify(b)
+    assert decodes.count == 4

@@ -63,8 +63,11 @@ def _admin(auth_app: TestClient) -> dict[str, str]:
     return {"Authorization": f"Bearer {_login(auth_app)['access_token']}"}
 
 
+# memo_size 4096: the gateway's verifier, which remembers verified tokens (never their
+# revocation check).
+@pytest.mark.parametrize("memo_size", [0, 4096])
 async def test_a_revoked_token_is_refused_after_the_next_poll(
-    auth_app: TestClient, auth_client: ServiceClient
+    auth_app: TestClient, auth_client: ServiceClient, memo_size: int
 ) -> None:
     revocations = RevocationList(auth_client)
     verifier = TokenVerifier(
@@ -72,6 +75,7 @@ async def test_a_revoked_token_is_refused_after_the_next_poll(
         issuer="crossmodal-auth",
         audience="crossmodal-gateway",
         revocations=revocations,
+        memo_size=memo_size,
     )
     token = _login(auth_app)["access_token"]
     await revocations.poll()
