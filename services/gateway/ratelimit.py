@@ -38,40 +38,56 @@ for _bucket in ("ip", "token", "principal"):
 for _outcome in ("allowed", "refused"):
     RATE_LIMIT_UNCHECKED.labels(_outcome)
 
-# KEYS: the buckets. ARGV: rate and burst of each bucket in turn, then the cost.
-# A bucket is a hash {tokens, ts}; a missing one is full. Either every bucket has the tokens and
-# all are charged, or none is and the reply says how long until the emptiest one has them.
+# KEYS: the buckets. ARGV: rate and burst of each bucket in turn, then the cost, then the number of
+# buckets in each stage (none: one stage of them all). A bucket is a hash {tokens, ts}; a missing
+# one is full. Stages are taken in order, each as a whole: either every bucket of the stage has
+# the tokens and all are charged, or none is and the reply says how long until the emptiest one
+# has them (the stages before stay charged, the ones after are not looked at), exactly as one
+# call per stage would do.
 TOKEN_BUCKET_LUA = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
-local cost = tonumber(ARGV[#ARGV])
-local levels = {}
-local wait, denied = 0, 0
-for i = 1, #KEYS do
-  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
-  local tokens, ts = tonumber(state[1]), tonumber(state[2])
-  if tokens == nil or ts == nil then
-    tokens, ts = burst, now
-  end
-  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-  levels[i] = tokens
-  if tokens < cost and (cost - tokens) / rate > wait then
-    wait, denied = (cost - tokens) / rate, i
-  end
+local n = #KEYS
+local cost = tonumber(ARGV[2 * n + 1])
+local sizes = {}
+for j = 2 * n + 2, #ARGV do
+  sizes[#sizes + 1] = tonumber(ARGV[j])
 end
-if denied > 0 then
-  return {0, tostring(wait), denied}
+if #sizes == 0 then
+  sizes[1] = n
 end
 local remaining = -1
-for i = 1, #KEYS do
-  local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local left = levels[i] - cost
-  redis.call('HSET', KEYS[i], 'tokens', tostring(left), 'ts', tostring(now))
-  redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
-  if remaining < 0 or left < remaining then
-    remaining = left
+local first = 1
+for _, size in ipairs(sizes) do
+  local last = first + size - 1
+  local levels = {}
+  local wait, denied = 0, 0
+  for i = first, last do
+    local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+    local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+    local tokens, ts = tonumber(state[1]), tonumber(state[2])
+    if tokens == nil or ts == nil then
+      tokens, ts = burst, now
+    end
+    tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+    levels[i] = tokens
+    if tokens < cost and (cost - tokens) / rate > wait then
+      wait, denied = (cost - tokens) / rate, i
+    end
   end
+  if denied > 0 then
+    return {0, tostring(wait), denied}
+  end
+  for i = first, last do
+    local rate, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+    local left = levels[i] - cost
+    redis.call('HSET', KEYS[i], 'tokens', tostring(left), 'ts', tostring(now))
+    redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+    if remaining < 0 or left < remaining then
+      remaining = left
+    end
+  end
+  first = last + 1
 end
 return {1, tostring(remaining), 0}
 """
@@ -110,25 +126,31 @@ class RateLimiter:
     def bucket(self, kind: str, name: str, limit: RateLimit) -> Bucket:
         return Bucket(kind, f"{self._prefix}:{kind}:{name}", limit)
 
-    async def decide(self, buckets: list[Bucket], cost: int = 1) -> Decision:
-        """Take ``cost`` tokens from every bucket, or from none. Raises ``RedisUnavailable``."""
+    async def decide(self, *stages: list[Bucket], cost: int = 1) -> Decision:
+        """Take ``cost`` tokens from every bucket of each stage in turn, or from none of a
+        stage (and stop there): one round trip. Raises ``RedisUnavailable``."""
+        buckets = [bucket for stage in stages for bucket in stage]
         args: list[float | int] = []
         for bucket in buckets:
             args += [bucket.limit.rate, bucket.limit.burst]
         args.append(cost)
+        if len(stages) > 1:
+            args += [len(stage) for stage in stages]
         keys = [b.key for b in buckets]
         allowed, value, denied = await self._redis.run(lambda _: self._script(keys=keys, args=args))
         if int(allowed):
             return Decision(True, 0.0, float(value), None)
         return Decision(False, float(value), 0.0, buckets[int(denied) - 1])
 
-    async def hit(self, buckets: list[Bucket], *, write: bool) -> None:
-        """Charge one request to ``buckets``: 429 when one is empty; when Redis is unavailable,
-        pass or refuse (503) as the fail-open setting for reads or writes says."""
-        if not buckets:
+    async def hit(self, *stages: list[Bucket], write: bool) -> None:
+        """Charge one request to the buckets of ``stages`` (one stage after the other, as
+        ``decide`` does): 429 when one is empty; when Redis is unavailable, pass or refuse (503)
+        as the fail-open setting for reads or writes says."""
+        stages = tuple(stage for stage in stages if stage)
+        if not stages:
             return
         try:
-            decision = await self.decide(buckets)
+            decision = await self.decide(*stages)
         except RedisUnavailable:
             if self.fail_open_writes if write else self.fail_open_reads:
                 RATE_LIMIT_UNCHECKED.labels("allowed").inc()

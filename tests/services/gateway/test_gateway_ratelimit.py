@@ -95,3 +95,25 @@ async def test_fail_policy_is_configurable(dead: GuardedRedis) -> None:
     await limiter.hit([bucket], write=True)
     with pytest.raises(ServiceUnavailable):
         await limiter.hit([bucket], write=False)
+
+
+async def test_stages_are_taken_in_order_as_separate_calls_would(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    ip = limiter.bucket("ip", "203.0.113.7", RateLimit(rate=0.01, burst=3))
+    tight = limiter.bucket("principal", "alice:search:text", RateLimit(rate=0.01, burst=1))
+    assert (await limiter.decide([ip], [tight])).allowed
+    # The second stage is refused: the first stays charged.
+    denied = await limiter.decide([ip], [tight])
+    assert not denied.allowed and denied.bucket == tight
+    assert (await limiter.decide([ip])).allowed  # the third and last of the ip bucket's tokens
+    # Now the first stage is refused and the second is not looked at.
+    other = limiter.bucket("principal", "bob:search:text", RateLimit(rate=0.01, burst=1))
+    denied = await limiter.decide([ip], [other])
+    assert not denied.allowed and denied.bucket == ip
+    assert (await limiter.decide([other])).allowed
+    # hit() skips empty stages.
+    await limiter.hit(
+        [], [limiter.bucket("ip", "203.0.113.8", RateLimit(rate=1, burst=1))], write=False
+    )
