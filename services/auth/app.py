@@ -29,6 +29,7 @@ from services.auth.scopes import parse_scope, unknown_scopes
 from services.auth.service import AuthService, TokenSet
 from services.auth.settings import MAX_SECRET_LENGTH, AuthSettings
 from shared.app import build_app
+from shared.contracts.auth import RevocationEntry, RevocationFeed
 from shared.oauth import FORM_MEDIA_TYPE, REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
 from shared.problems import ProblemError
 from shared.tokens import TokenVerifier
@@ -254,9 +255,11 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
     ) -> JSONResponse:
         runtime = _runtime(request)
         now, entries = await runtime.run(runtime.service.revocation_feed, since)
+        feed = RevocationFeed(
+            now=now, revocations=[RevocationEntry(**entry.as_entry()) for entry in entries]
+        )
         return JSONResponse(
-            {"now": now, "revocations": [entry.as_entry() for entry in entries]},
-            headers={"Cache-Control": "no-store"},
+            feed.model_dump(mode="json", exclude_none=True), headers={"Cache-Control": "no-store"}
         )
 
     app.include_router(admin_router)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from services.gateway.openapi import SECURED, problems
 from services.gateway.security import require
 from shared.contracts.auth import (
-    AuthAdminClient,
+    AuthClient,
     KeyList,
     PrincipalCreate,
     PrincipalCreated,
@@ -31,11 +31,11 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-async def _auth(request: Request) -> AuthAdminClient:
-    return AuthAdminClient(request.app.state.gateway.backends.auth)
+async def _auth(request: Request) -> AuthClient:
+    return AuthClient(request.app.state.gateway.backends.auth)
 
 
-Auth = Annotated[AuthAdminClient, Depends(_auth)]
+Auth = Annotated[AuthClient, Depends(_auth)]
 
 
 def _token(request: Request, response: Response) -> str:

@@ -37,6 +37,7 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import read_upload
 from shared.app import BodySizeLimitMiddleware, build_app
 from shared.collections import COLLECTION_NAME_PATTERN
+from shared.contracts.auth import AuthClient
 from shared.contracts.feature import FeatureClient
 from shared.contracts.metadata import (
     CollectionCreate,
@@ -146,7 +147,7 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
             ),
         )
         revocations = RevocationList(
-            backends.auth,
+            AuthClient(backends.auth),
             poll_seconds=settings.revocation_poll_seconds,
             max_staleness=settings.revocation_max_staleness_seconds,
             fail_open_reads=settings.fail_open_reads,

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -65,8 +66,9 @@ class Upload:
     content_type: str
     data: bytes
 
-    @property
+    @cached_property
     def sha256(self) -> str:
+        # Read for the page key and the embedding key: hashed once.
         return hashlib.sha256(self.data).hexdigest()
 
     def as_file(self) -> tuple[str, bytes, str]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from prometheus_client import Gauge
 
-from shared.http import ServiceClient
+from shared.contracts.auth import AuthClient
 from shared.problems import ProblemError, ServiceUnavailable
 from shared.tokens import Principal, RevocationSet, token_revoked
 
@@ -40,7 +40,7 @@ _OVERLAP_SECONDS = 30.0
 class RevocationList:
     def __init__(
         self,
-        auth: ServiceClient,
+        auth: AuthClient,
         *,
         poll_seconds: float = 2.0,
         max_staleness: float = 60.0,
@@ -70,17 +70,17 @@ class RevocationList:
     async def poll(self) -> None:
         """Fetch the changes (or, now and then, the whole list). Raises ``ProblemError``."""
         full = self._since is None or self._clock() - self._last_full >= self.resync_seconds
-        params = {} if full else {"since": self._since - _OVERLAP_SECONDS}
-        response = await self._auth.request("GET", "/revocations", params=params, timeout=5.0)
-        body = response.json()
+        since = None if full or self._since is None else self._since - _OVERLAP_SECONDS
+        feed = await self._auth.revocation_feed(since, timeout=5.0)
+        entries = [entry.model_dump(exclude_none=True) for entry in feed.revocations]
         if full:
             fresh = RevocationSet()
-            fresh.apply(body["revocations"])
+            fresh.apply(entries)
             self._set = fresh
             self._last_full = self._clock()
         else:
-            self._set.apply(body["revocations"])
-        now = float(body["now"])
+            self._set.apply(entries)
+        now = feed.now
         self._set.prune(now)
         self._since = now
         self._fetched_at = self._clock()

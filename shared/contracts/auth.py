@@ -1,5 +1,6 @@
-"""The auth service's admin API (services/auth/admin_api.py) as the gateway forwards it: its
-bodies, declared once for both, and the typed client the gateway's ``/admin`` router uses."""
+"""The auth service's API as the gateway uses it: the revocation feed (services/auth/app.py) and
+the admin API (services/auth/admin_api.py), bodies declared once for both sides, and the typed
+client the gateway's revocation poller and ``/admin`` router use."""
 
 from __future__ import annotations
 
@@ -103,6 +104,20 @@ class RotationOut(BaseModel):
     previous_published_until: float
 
 
+class RevocationEntry(BaseModel):
+    """A revoked token id (``jti``) or a revoked subject's tokens issued before ``not_before``."""
+
+    jti: str | None = None
+    sub: str | None = None
+    not_before: int | None = None
+    expires_at: float
+
+
+class RevocationFeed(BaseModel):
+    now: float = Field(description="the auth service's clock: pass it as `since` next time")
+    revocations: list[RevocationEntry]
+
+
 def _wire(body: PrincipalCreate | PrincipalUpdate, **dump: Any) -> str:
     """The body as JSON with its secret in clear (pydantic masks ``SecretStr`` when dumping)."""
     data = body.model_dump(mode="json", **dump)
@@ -117,10 +132,15 @@ def _segment(name: str) -> str:
     return quote(name, safe="")
 
 
-class AuthAdminClient(ServiceApi):
-    """The auth service's ``/admin`` API, called with the admin's own token (``authorization``,
-    the header as received): the auth service checks it again itself. Admin writes are never
-    retried; a lost answer is for the admin to look at."""
+class AuthClient(ServiceApi):
+    """The auth service's revocation feed and its ``/admin`` API. Admin calls carry the admin's
+    own token (``authorization``, the header as received): the auth service checks it again
+    itself. Admin writes are never retried; a lost answer is for the admin to look at."""
+
+    async def revocation_feed(self, since: float | None, *, timeout: float) -> RevocationFeed:
+        params = {} if since is None else {"since": since}
+        response = await self.http.request("GET", "/revocations", params=params, timeout=timeout)
+        return RevocationFeed.model_validate_json(response.content)
 
     async def _call(
         self, method: str, path: str, authorization: str, content: str | None = None

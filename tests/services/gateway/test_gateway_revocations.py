@@ -17,6 +17,7 @@ from services.auth.app import create_app
 from services.auth.scopes import KNOWN_SCOPES
 from services.auth.settings import AuthSettings
 from services.gateway.revocations import RevocationList
+from shared.contracts.auth import AuthClient
 from shared.http import ServiceClient
 from shared.problems import ServiceUnavailable, Unauthorized
 from shared.tokens import Principal, TokenVerifier
@@ -69,7 +70,7 @@ def _admin(auth_app: TestClient) -> dict[str, str]:
 async def test_a_revoked_token_is_refused_after_the_next_poll(
     auth_app: TestClient, auth_client: ServiceClient, memo_size: int
 ) -> None:
-    revocations = RevocationList(auth_client)
+    revocations = RevocationList(AuthClient(auth_client))
     verifier = TokenVerifier(
         auth_client,
         issuer="crossmodal-auth",
@@ -93,7 +94,7 @@ async def test_a_revoked_token_is_refused_after_the_next_poll(
 async def test_revoking_a_subject_refuses_its_older_tokens_only(
     auth_app: TestClient, auth_client: ServiceClient
 ) -> None:
-    revocations = RevocationList(auth_client)
+    revocations = RevocationList(AuthClient(auth_client))
     old = _login(auth_app)["access_token"]
     admin = _admin(auth_app)
     await revocations.poll()  # a first full copy, then incremental ones
@@ -110,7 +111,9 @@ async def test_revoking_a_subject_refuses_its_older_tokens_only(
 async def test_a_full_resync_drops_nothing_still_live(
     auth_app: TestClient, auth_client: ServiceClient
 ) -> None:
-    revocations = RevocationList(auth_client, resync_seconds=0)  # every poll is a full one
+    revocations = RevocationList(
+        AuthClient(auth_client), resync_seconds=0
+    )  # every poll is a full one
     admin = _admin(auth_app)
     auth_app.post("/admin/revocations", headers=admin, json={"jti": "j-1"})
     await revocations.poll()
@@ -130,7 +133,7 @@ class Clock:
 async def test_stale_list_fails_closed_for_writes_and_open_for_reads() -> None:
     unreachable = ServiceClient("auth", "http://127.0.0.1:9", retries=0)
     clock = Clock()
-    revocations = RevocationList(unreachable, max_staleness=60, clock=clock)
+    revocations = RevocationList(AuthClient(unreachable), max_staleness=60, clock=clock)
     with pytest.raises(ServiceUnavailable):
         await revocations.poll()
     revocations.ensure_fresh(write=True)  # a fresh start counts as fresh
@@ -140,7 +143,9 @@ async def test_stale_list_fails_closed_for_writes_and_open_for_reads() -> None:
         revocations.ensure_fresh(write=True)
     assert raised.value.code == "revocations_unavailable"
     assert raised.value.headers["Retry-After"]
-    strict = RevocationList(unreachable, max_staleness=60, fail_open_reads=False, clock=clock)
+    strict = RevocationList(
+        AuthClient(unreachable), max_staleness=60, fail_open_reads=False, clock=clock
+    )
     clock.now = 200
     with pytest.raises(ServiceUnavailable):
         strict.ensure_fresh(write=False)
@@ -149,7 +154,7 @@ async def test_stale_list_fails_closed_for_writes_and_open_for_reads() -> None:
 
 async def test_polling_again_makes_the_list_fresh(auth_client: ServiceClient) -> None:
     clock = Clock()
-    revocations = RevocationList(auth_client, max_staleness=60, clock=clock)
+    revocations = RevocationList(AuthClient(auth_client), max_staleness=60, clock=clock)
     clock.now = 100
     with pytest.raises(ServiceUnavailable):
         revocations.ensure_fresh(write=True)
