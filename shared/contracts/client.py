@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from shared.http import ServiceClient
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -15,6 +17,17 @@ class ServiceApi:
 
     def __init__(self, http: ServiceClient) -> None:
         self.http = http
+
+    async def post_json(self, path: str, body: BaseModel, *, retry: bool | None = None) -> bytes:
+        """POST the model as JSON (``None`` fields left out); the answer's bytes."""
+        response = await self.http.request(
+            "POST",
+            path,
+            content=body.model_dump_json(exclude_none=True),
+            headers=JSON_HEADERS,
+            retry=retry,
+        )
+        return response.content
 
     @property
     def name(self) -> str:

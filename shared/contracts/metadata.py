@@ -238,29 +238,19 @@ class MetadataClient(ServiceApi):
     """The metadata service as its callers see it: every call returns a parsed answer or raises
     the service's problem (``ProblemError``)."""
 
-    async def _post(self, path: str, body: BaseModel, *, retry: bool | None = None) -> bytes:
-        response = await self.http.request(
-            "POST",
-            path,
-            content=body.model_dump_json(exclude_none=True),
-            headers=JSON_HEADERS,
-            retry=retry,
-        )
-        return response.content
-
     async def hits(self, collection: str, request: HitsRequest) -> HitsOut:
         # A read: safe to repeat.
-        raw = await self._post(f"/collections/{collection}/hits", request, retry=True)
+        raw = await self.post_json(f"/collections/{collection}/hits", request, retry=True)
         return HitsOut.model_validate_json(raw)
 
     async def filter(self, collection: str, request: FilterRequest) -> FilterOut:
-        raw = await self._post(f"/collections/{collection}/filter", request, retry=True)
+        raw = await self.post_json(f"/collections/{collection}/filter", request, retry=True)
         return FilterOut.model_validate_json(raw)
 
     async def keyword_search(
         self, collection: str, request: KeywordSearchRequest
     ) -> KeywordSearchOut:
-        raw = await self._post(f"/collections/{collection}/keyword-search", request, retry=True)
+        raw = await self.post_json(f"/collections/{collection}/keyword-search", request, retry=True)
         return KeywordSearchOut.model_validate_json(raw)
 
     async def create_item(self, form: ItemForm, image: ImageFile) -> ItemOut:
@@ -325,11 +315,11 @@ class MetadataClient(ServiceApi):
         return CollectionsOut.model_validate_json(response.content)
 
     async def create_collection(self, request: CollectionCreate) -> CollectionOut:
-        raw = await self._post("/collections", request, retry=False)
+        raw = await self.post_json("/collections", request, retry=False)
         return CollectionOut.model_validate_json(raw)
 
     async def find_hashes(self, collection: str, request: HashesRequest) -> HashesOut:
-        raw = await self._post(f"/collections/{collection}/hashes", request, retry=True)
+        raw = await self.post_json(f"/collections/{collection}/hashes", request, retry=True)
         return HashesOut.model_validate_json(raw)
 
     async def delete_collection(self, collection: str) -> CollectionDeleted:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.contracts.client import JSON_HEADERS, ServiceApi
+from shared.contracts.client import ServiceApi
 from shared.problems import ProblemError
 
 Modality = Literal["image", "text"]
@@ -170,34 +170,19 @@ class RetrievalClient(ServiceApi):
     raises the service's problem (``ProblemError``)."""
 
     async def search(self, collection: str, request: SearchRequest) -> SearchResponse:
-        response = await self.http.request(
-            "POST",
-            f"/collections/{collection}/search",
-            content=request.model_dump_json(exclude_none=True),
-            headers=JSON_HEADERS,
-            retry=True,  # a search changes nothing
-        )
-        return SearchResponse.model_validate_json(response.content)
+        # A search changes nothing.
+        raw = await self.post_json(f"/collections/{collection}/search", request, retry=True)
+        return SearchResponse.model_validate_json(raw)
 
     async def upsert(self, collection: str, request: UpsertRequest) -> UpsertResponse:
-        response = await self.http.request(
-            "POST",
-            f"/collections/{collection}/upsert",
-            content=request.model_dump_json(exclude_none=True),
-            headers=JSON_HEADERS,
-            retry=True,  # idempotent by id: a retry after a lost answer is safe
-        )
-        return UpsertResponse.model_validate_json(response.content)
+        # Idempotent by id: a retry after a lost answer is safe.
+        raw = await self.post_json(f"/collections/{collection}/upsert", request, retry=True)
+        return UpsertResponse.model_validate_json(raw)
 
     async def delete(self, collection: str, request: DeleteRequest) -> DeleteResponse:
-        response = await self.http.request(
-            "POST",
-            f"/collections/{collection}/delete",
-            content=request.model_dump_json(exclude_none=True),
-            headers=JSON_HEADERS,
-            retry=True,  # deleting what is gone deletes nothing
-        )
-        return DeleteResponse.model_validate_json(response.content)
+        # Deleting what is gone deletes nothing.
+        raw = await self.post_json(f"/collections/{collection}/delete", request, retry=True)
+        return DeleteResponse.model_validate_json(raw)
 
     async def collection(self, collection: str) -> CollectionInfo | None:
         """The collection's settings and counts; None when it has no vectors yet."""

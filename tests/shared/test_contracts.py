@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
@@ -27,6 +26,7 @@ from services.retrieval.settings import RetrievalSettings
 from shared.contracts import auth, feature, metadata, retrieval
 from shared.contracts.vectors import encode_vectors
 from shared.http import ServiceClient
+from tests.lent import Lent
 
 pytestmark = pytest.mark.anyio
 
@@ -95,20 +95,6 @@ def test_the_auth_admin_routes_answer_with_the_contract_s_models() -> None:
     }
 
 
-class _Lent(httpx.AsyncBaseTransport):
-    """An app running under TestClient (its lifespan included), lent to an async client."""
-
-    def __init__(self, client: TestClient) -> None:
-        self.client = client
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
-        answer = self.client.request(
-            request.method, str(request.url), headers=request.headers, content=body
-        )
-        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
-
-
 @pytest.fixture
 def retrieval_service(tmp_path: Path) -> Iterator[TestClient]:
     with TestClient(retrieval_app(RetrievalSettings(data_dir=tmp_path / "vectors"))) as client:
@@ -128,7 +114,7 @@ def metadata_service(tmp_path: Path) -> Iterator[TestClient]:
 async def retrieval_client(
     retrieval_service: TestClient,
 ) -> AsyncIterator[retrieval.RetrievalClient]:
-    http = ServiceClient("retrieval", "http://retrieval", transport=_Lent(retrieval_service))
+    http = ServiceClient("retrieval", "http://retrieval", transport=Lent(retrieval_service))
     client = retrieval.RetrievalClient(http)
     yield client
     await client.aclose()
@@ -136,7 +122,7 @@ async def retrieval_client(
 
 @pytest.fixture
 async def metadata_client(metadata_service: TestClient) -> AsyncIterator[metadata.MetadataClient]:
-    http = ServiceClient("metadata", "http://metadata", transport=_Lent(metadata_service))
+    http = ServiceClient("metadata", "http://metadata", transport=Lent(metadata_service))
     client = metadata.MetadataClient(http)
     yield client
     await client.aclose()

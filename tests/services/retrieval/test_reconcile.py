@@ -37,6 +37,7 @@ from shared.contracts.metadata import (
 )
 from shared.contracts.retrieval import RetrievalClient
 from shared.http import ServiceClient
+from tests.lent import Lent
 
 DIM = 8
 MODEL = "clip-test"
@@ -231,24 +232,6 @@ def fake_feature(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=answer.model_dump_json(exclude_none=True))
 
 
-class Lent(httpx.AsyncBaseTransport):
-    """The retrieval app under TestClient (its lifespan running there) lent to an async client;
-    ``calls`` records each request's path."""
-
-    def __init__(self, client: TestClient) -> None:
-        self.client = client
-        self.calls: list[str] | None = None
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self.calls is not None:
-            self.calls.append(f"retrieval {request.url.path}")
-        body = await request.aread()
-        answer = self.client.request(
-            request.method, str(request.url), headers=request.headers, content=body
-        )
-        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
-
-
 @pytest.fixture
 def retrieval(tmp_path: Path) -> Iterator[TestClient]:
     with TestClient(create_app(RetrievalSettings(data_dir=tmp_path))) as client:
@@ -303,7 +286,7 @@ def reconciler(
 ) -> Reconciler:
     return Reconciler(
         MetadataClient(_client("metadata", httpx.MockTransport(metadata.handle))),
-        RetrievalClient(_client("retrieval", Lent(retrieval))),
+        RetrievalClient(_client("retrieval", Lent(retrieval, "retrieval"))),
         FeatureClient(_client("feature", httpx.MockTransport(fake_feature))) if feature else None,
     )
 
@@ -418,7 +401,7 @@ def test_command_line(
         raise httpx.ConnectError("unreachable", request=request)
 
     transports: dict[str, httpx.AsyncBaseTransport] = {
-        "http://retrieval": Lent(retrieval),
+        "http://retrieval": Lent(retrieval, "retrieval"),
         "http://metadata": httpx.MockTransport(drifted.handle),
         "http://feature": httpx.MockTransport(fake_feature),
     }
