@@ -171,12 +171,12 @@ class TokenVerifier:
         return key
 
     async def verify(self, token: str) -> Principal:
-        principal = await self.remembered(token)
+        digest = hashlib.sha256(token.encode()).digest() if self.memo_size > 0 else b""
+        principal = await self._remembered(digest)
         if principal is not None:
             return principal
         principal, verified = await self._verify(token)
         if self.memo_size > 0:
-            digest = hashlib.sha256(token.encode()).digest()
             self._memo[digest] = verified
             if len(self._memo) > self.memo_size:
                 self._memo.popitem(last=False)
@@ -189,7 +189,11 @@ class TokenVerifier:
         without checking its signature again (then its revocation is checked); else None."""
         if self.memo_size <= 0:
             return None
-        digest = hashlib.sha256(token.encode()).digest()
+        return await self._remembered(hashlib.sha256(token.encode()).digest())
+
+    async def _remembered(self, digest: bytes) -> Principal | None:
+        if self.memo_size <= 0:
+            return None
         entry = self._memo.get(digest)
         if entry is None:
             return None

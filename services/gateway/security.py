@@ -58,26 +58,24 @@ async def authorize(
         else []
     )
     # A token the verifier remembers needs no token work: its checks come first, and then both
-    # rate limits are charged in one Redis call, the IP's first, as the two calls below would.
-    # Should a check refuse it, the IP limit is charged first all the same, so its 429 wins.
+    # rate limits are charged in one Redis call, the IP's first, as two calls would. A token it
+    # does not know is charged to the IP before any token work. Should a check refuse a token,
+    # the IP limit is charged first all the same, so its 429 wins.
     try:
         # No header, another scheme than Bearer, or nothing after it: missing_token.
         raw = bearer_token(f"Bearer {token}" if token else None)
         principal = await state.verifier.remembered(raw)
-        if principal is not None:
-            state.revocations.ensure_fresh(write=write)
-            principal.require(*scopes)
-    except ProblemError:
-        if limiter is not None:
-            await limiter.hit(ip, write=write)
-        raise
-    if principal is None:
-        if limiter is not None:
-            await limiter.hit(ip, write=write)
-            ip = []
-        principal = await state.verifier.verify(raw)
+        if principal is None:
+            charged, ip = ip, []
+            if limiter is not None and charged:
+                await limiter.hit(charged, write=write)
+            principal = await state.verifier.verify(raw)
         state.revocations.ensure_fresh(write=write)
         principal.require(*scopes)
+    except ProblemError:
+        if limiter is not None and ip:
+            await limiter.hit(ip, write=write)
+        raise
     if limiter is not None:
         buckets: list[Bucket] = [
             limiter.bucket("principal", f"{principal.subject}:{scope}", settings.rate_limits[scope])
