@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -462,6 +463,25 @@ def _row(scenario: str, system: str, kind: str, cache: str, clients: int, result
     )
 
 
+def wait_for_data_directory(retrieval_dir: Path, timeout: float) -> None:
+    """Return once no other process holds the retrieval data directory (an earlier run's
+    service still stopping); past ``timeout``, stop with a message instead of starting a
+    retrieval service that would wait, unready, for a lock it never gets."""
+    from services.retrieval.store import DataDirectoryLocked, lock_data_directory
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.close(lock_data_directory(retrieval_dir))
+            return
+        except DataDirectoryLocked as exc:
+            if time.monotonic() >= deadline:
+                raise SystemExit(
+                    f"{exc}: stop it first (fuser -v {retrieval_dir / '.lock'} names it)"
+                ) from None
+        time.sleep(0.5)
+
+
 def run_services(
     scenario: str, model: Path, data_dir: Path, args: argparse.Namespace, settings: Settings,
     model_id: str, image: bytes, load: Any,
@@ -477,6 +497,7 @@ def run_services(
     )
     rows: list[Row] = []
     print(f"{scenario}: starting the stack", file=sys.stderr)
+    wait_for_data_directory(data_dir / "retrieval", timeout=60)
     stack.start(timeout=args.ready_timeout)
     try:
         info = httpx.get(f"{stack.url('feature')}/model", timeout=30).json()
@@ -712,8 +733,15 @@ def render_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _exit_on_sigterm(signum: int, _: Any) -> None:
+    # `timeout` and `kill` send SIGTERM: unwind, so every stack started is stopped on the way
+    # out instead of being left holding its ports and data directory.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     from benchmarks.loadgen import LoadProcess
 

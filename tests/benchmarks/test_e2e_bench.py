@@ -1,15 +1,28 @@
 """The pure parts of the end-to-end benchmark harness (benchmarks/e2e.py, benchmarks/loadgen.py):
-percentiles, CPU accounting, the distinct queries and the tables. No stack, no timing."""
+percentiles, CPU accounting, the distinct queries, the tables, and the wait for a data
+directory an earlier run still holds. No stack, no timing."""
 
 from __future__ import annotations
 
 import io
 import math
+import os
+import threading
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from benchmarks.e2e import Row, cpu_ms_per_request, headline, percentile, render_table
+from benchmarks.e2e import (
+    Row,
+    cpu_ms_per_request,
+    headline,
+    percentile,
+    render_table,
+    wait_for_data_directory,
+)
 from benchmarks.loadgen import Workload, build_request, distinct_jpeg, query_text
+from services.retrieval.store import lock_data_directory
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -71,3 +84,13 @@ def test_headline_ratio_and_table() -> None:
     table = render_table(rows)
     assert table.count("\n") == len(rows) + 1
     assert "503: 2" in table
+
+
+def test_a_held_data_directory_is_waited_for_then_refused(tmp_path: Path) -> None:
+    held = lock_data_directory(tmp_path)
+    with pytest.raises(SystemExit, match="in use by another process"):
+        wait_for_data_directory(tmp_path, timeout=0.2)
+    # Released while the benchmark waits (an earlier run's service stopping): it goes on.
+    threading.Timer(0.3, os.close, [held]).start()
+    wait_for_data_directory(tmp_path, timeout=60)
+    os.close(lock_data_directory(tmp_path))  # and nothing of the wait holds it
