@@ -169,6 +169,9 @@ def build_app(
         description=description,
         lifespan=lifespan,
         middleware=[Middleware(AccessLogMiddleware), *middleware],
+        # Metrics are Prometheus' (shared.metrics); FastAPI's OpenTelemetry hooks would only
+        # look up the environment for a provider on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_problem_handlers(app)
     app.add_middleware(RequestMiddleware, service=service)

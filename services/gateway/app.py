@@ -32,7 +32,7 @@ from services.gateway.schemas import (
     check_collection,
     parse_filters_form,
 )
-from services.gateway.security import limit_token_requests, require
+from services.gateway.security import Admission, limit_token_requests, require, require_deferred
 from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import read_upload
 from shared.app import BodySizeLimitMiddleware, build_app
@@ -363,7 +363,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def search_text(
         body: TextSearchRequest,
         state: State,
-        _: Annotated[Principal, require("search:text")],
+        admission: Annotated[Admission, require_deferred("search:text")],
     ) -> Response:
         result = await state.orchestrator.search_text(
             body.query,
@@ -372,6 +372,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             collection=body.collection,
             filters=body.filters,
             mode=body.mode,
+            charge=admission.charge,
         )
         return _search_response(result)
 
@@ -385,7 +386,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     async def search_image(
         state: State,
-        _: Annotated[Principal, require("search:image")],
+        admission: Annotated[Admission, require_deferred("search:image")],
         image: Annotated[UploadFile, File(description="The query image.")],
         top_k: Annotated[int, Form(ge=1, le=100)] = 10,
         target: Annotated[Target, Form()] = "text",
@@ -399,6 +400,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             top_k=top_k,
             collection=collection,
             filters=parse_filters_form(filters),
+            charge=admission.charge,
         )
         return _search_response(result)
 

@@ -20,11 +20,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
-from services.gateway.redis_guard import GuardedRedis, RedisUnavailable
+from services.gateway.redis_guard import GuardedRedis, RedisUnavailable, ScriptCall, run_scripts
+
+if TYPE_CHECKING:
+    from services.gateway.ratelimit import Charge
 
 log = logging.getLogger(__name__)
 
@@ -145,32 +148,38 @@ class ResultCache:
         """The page key of ``parts`` (which names the collection) under ``version``."""
         return f"{self._page_prefix(parts['collection'])}{version}:{self._digest(parts)}"
 
-    async def lookup(self, parts: dict[str, Any], also_get: str | None = None) -> CacheLookup:
+    async def lookup(
+        self, parts: dict[str, Any], also_get: str | None = None, charge: Charge | None = None
+    ) -> CacheLookup:
         """The cached page of ``parts`` under the collection's current version, and on a miss
-        the value under ``also_get``: one round trip. Redis trouble is a miss without a key."""
+        the value under ``also_get``: one round trip, which also carries the request's rate-limit
+        ``charge`` (settled first: a refused request raises before anything is served). Redis
+        trouble is a miss without a key."""
         collection = parts["collection"]
         if collection in self._pending_bumps:
             await self.bump(collection)
             if collection in self._pending_bumps:
+                if charge is not None:
+                    await charge.take()
                 return CacheLookup(None, None, None)
         digest = self._digest(parts)
+        lookup = ScriptCall(
+            self._lookup,
+            [self._version_key(collection)],
+            [secrets.token_hex(8), self._page_prefix(collection), digest, also_get or ""],
+        )
+        calls = [lookup] if charge is None else [charge.call(), lookup]
         try:
-            raw_version, page, extra = await self._redis.run(
-                lambda r: self._lookup(
-                    keys=[self._version_key(collection)],
-                    args=[
-                        secrets.token_hex(8),
-                        self._page_prefix(collection),
-                        digest,
-                        also_get or "",
-                    ],
-                    client=r,
-                )
-            )
+            replies = await self._redis.run(lambda r: run_scripts(r, calls))
         except RedisUnavailable as exc:
+            if charge is not None:
+                charge.unavailable()
             log.warning("cache unavailable: %s", exc)
             CACHE_REQUESTS.labels("error").inc()
             return CacheLookup(None, None, None)
+        if charge is not None:
+            charge.settle(replies[0])
+        raw_version, page, extra = replies[-1]
         version = raw_version.decode() if isinstance(raw_version, bytes) else str(raw_version)
         hit = page is not None
         CACHE_REQUESTS.labels("hit" if hit else "miss").inc()

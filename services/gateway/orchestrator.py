@@ -16,6 +16,7 @@ import numpy as np
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_text, text_digest
 from services.gateway.fusion import Ranked, fuse_hits
+from services.gateway.ratelimit import Charge
 from services.gateway.schemas import Filters, SearchMode, Target
 from shared.contracts.feature import FeatureClient
 from shared.contracts.metadata import (
@@ -157,6 +158,7 @@ class Orchestrator:
         collection: str,
         filters: Filters | None,
         mode: SearchMode = "vector",
+        charge: Charge | None = None,
     ) -> SearchResult:
         # The same normalised text is embedded and keys both caches.
         query = normalise_text(query)
@@ -184,10 +186,19 @@ class Orchestrator:
             )
             return fuse_hits(vector_hits, keyword_hits, top_k=top_k), model_id
 
-        return await self._search(cache_parts, rank, embed, target, top_k, collection, filters)
+        return await self._search(
+            cache_parts, rank, embed, target, top_k, collection, filters, charge
+        )
 
     async def search_image(
-        self, image: Upload, *, target: Target, top_k: int, collection: str, filters: Filters | None
+        self,
+        image: Upload,
+        *,
+        target: Target,
+        top_k: int,
+        collection: str,
+        filters: Filters | None,
+        charge: Charge | None = None,
     ) -> SearchResult:
         # Keyed by the bytes' hash, never by the uploaded file's name.
         cache_parts = {"image_sha256": image.sha256}
@@ -201,7 +212,9 @@ class Orchestrator:
         async def rank() -> tuple[list[Ranked], str | None]:
             return await self._vector_hits(embed, target, top_k, collection, filters)
 
-        return await self._search(cache_parts, rank, embed, target, top_k, collection, filters)
+        return await self._search(
+            cache_parts, rank, embed, target, top_k, collection, filters, charge
+        )
 
     def _query_embedding(self, kind: str, digest: str, compute: Embed) -> QueryEmbedding:
         return QueryEmbedding(kind, digest, compute, self.embeddings, self.models)
@@ -215,9 +228,11 @@ class Orchestrator:
         top_k: int,
         collection: str,
         filters: Filters | None,
+        charge: Charge | None,
     ) -> SearchResult:
         """One page of results: from the cache, or ranked by ``rank`` and hydrated. Redis is
-        asked once before (the page, else the query's embedding) and once after (both kept)."""
+        asked once before (the request's rate-limit ``charge``, the page, else the query's
+        embedding) and once after (both kept)."""
         parts = {
             **query_parts,
             "target": target,
@@ -225,7 +240,7 @@ class Orchestrator:
             "collection": collection,
             "filters": filters,
         }
-        found = await self.cache.lookup(parts, embed.key if embed is not None else None)
+        found = await self.cache.lookup(parts, embed.key if embed is not None else None, charge)
         if found.page is not None:
             return SearchResult(found.page, cached=True)
         if embed is not None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter
 from redis.commands.core import AsyncScript
 
-from services.gateway.redis_guard import GuardedRedis, RedisUnavailable
+from services.gateway.redis_guard import GuardedRedis, RedisUnavailable, ScriptCall
 from services.gateway.settings import RateLimit
 from shared.problems import ServiceUnavailable, TooManyRequests
 
@@ -126,9 +127,14 @@ class RateLimiter:
     def bucket(self, kind: str, name: str, limit: RateLimit) -> Bucket:
         return Bucket(kind, f"{self._prefix}:{kind}:{name}", limit)
 
-    async def decide(self, *stages: list[Bucket], cost: int = 1) -> Decision:
-        """Take ``cost`` tokens from every bucket of each stage in turn, or from none of a
-        stage (and stop there): one round trip. Raises ``RedisUnavailable``."""
+    def charge(self, *stages: list[Bucket], write: bool) -> Charge | None:
+        """The charge of one request to the buckets of ``stages`` (one stage after the other, as
+        ``decide`` does), to take now (``Charge.take``) or in the same round trip as other
+        Redis work (``Charge.call`` and ``Charge.settle``); None when no bucket applies."""
+        stages = tuple(stage for stage in stages if stage)
+        return Charge(self, stages, write) if stages else None
+
+    def _call(self, stages: tuple[list[Bucket], ...], cost: int) -> ScriptCall:
         buckets = [bucket for stage in stages for bucket in stage]
         args: list[float | int] = []
         for bucket in buckets:
@@ -136,31 +142,73 @@ class RateLimiter:
         args.append(cost)
         if len(stages) > 1:
             args += [len(stage) for stage in stages]
-        keys = [b.key for b in buckets]
-        allowed, value, denied = await self._redis.run(lambda _: self._script(keys=keys, args=args))
+        return ScriptCall(self._script, [b.key for b in buckets], args)
+
+    @staticmethod
+    def _decision(stages: tuple[list[Bucket], ...], reply: Any) -> Decision:
+        allowed, value, denied = reply
         if int(allowed):
             return Decision(True, 0.0, float(value), None)
+        buckets = [bucket for stage in stages for bucket in stage]
         return Decision(False, float(value), 0.0, buckets[int(denied) - 1])
 
+    async def decide(self, *stages: list[Bucket], cost: int = 1) -> Decision:
+        """Take ``cost`` tokens from every bucket of each stage in turn, or from none of a
+        stage (and stop there): one round trip. Raises ``RedisUnavailable``."""
+        call = self._call(stages, cost)
+        reply = await self._redis.run(
+            lambda r: call.script(keys=call.keys, args=call.args, client=r)
+        )
+        return self._decision(stages, reply)
+
     async def hit(self, *stages: list[Bucket], write: bool) -> None:
-        """Charge one request to the buckets of ``stages`` (one stage after the other, as
-        ``decide`` does): 429 when one is empty; when Redis is unavailable, pass or refuse (503)
-        as the fail-open setting for reads or writes says."""
-        stages = tuple(stage for stage in stages if stage)
-        if not stages:
-            return
+        """Charge one request to the buckets of ``stages``: 429 when one is empty; when Redis
+        is unavailable, pass or refuse (503) as the fail-open setting for reads or writes says."""
+        charge = self.charge(*stages, write=write)
+        if charge is not None:
+            await charge.take()
+
+
+@dataclass
+class Charge:
+    """One request's rate-limit charge. ``take`` sends it alone; a caller that talks to Redis
+    anyway sends ``call`` in its own round trip and hands the reply to ``settle`` (or calls
+    ``unavailable`` when Redis failed): the outcome is the same either way."""
+
+    limiter: RateLimiter
+    stages: tuple[list[Bucket], ...]
+    write: bool
+    settled: bool = False
+
+    def call(self) -> ScriptCall:
+        return self.limiter._call(self.stages, 1)
+
+    async def take(self) -> None:
         try:
-            decision = await self.decide(*stages)
+            decision = await self.limiter.decide(*self.stages)
         except RedisUnavailable:
-            if self.fail_open_writes if write else self.fail_open_reads:
-                RATE_LIMIT_UNCHECKED.labels("allowed").inc()
-                return
-            RATE_LIMIT_UNCHECKED.labels("refused").inc()
-            raise ServiceUnavailable(
-                "the rate limiter is unavailable; writes are refused until it is back",
-                code="rate_limiter_unavailable",
-                headers={"Retry-After": "1"},
-            ) from None
+            self.unavailable()
+            return
+        self._apply(decision)
+
+    def settle(self, reply: Any) -> None:
+        self._apply(self.limiter._decision(self.stages, reply))
+
+    def unavailable(self) -> None:
+        self.settled = True
+        limiter = self.limiter
+        if limiter.fail_open_writes if self.write else limiter.fail_open_reads:
+            RATE_LIMIT_UNCHECKED.labels("allowed").inc()
+            return
+        RATE_LIMIT_UNCHECKED.labels("refused").inc()
+        raise ServiceUnavailable(
+            "the rate limiter is unavailable; writes are refused until it is back",
+            code="rate_limiter_unavailable",
+            headers={"Retry-After": "1"},
+        )
+
+    def _apply(self, decision: Decision) -> None:
+        self.settled = True
         if decision.allowed:
             return
         assert decision.bucket is not None

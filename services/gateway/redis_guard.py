@@ -6,14 +6,16 @@ cool-down one call probes whether it is back. Callers catch ``RedisUnavailable``
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from shared.http import CircuitBreaker, CircuitOpen
 
@@ -35,6 +37,32 @@ def make_redis_client(url: str, timeout: float) -> redis.Redis:
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One Lua script with its keys and arguments, to run alone or with others."""
+
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+
+
+async def run_scripts(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Several scripts in one round trip (EVALSHA in a pipeline without MULTI), their replies in
+    order. Queued through redis-py's pipeline a script would cost a SCRIPT EXISTS round trip on
+    every call; here a script Redis does not know (after a restart) is loaded and run again on
+    its own, which only happens once."""
+    pipeline = client.pipeline(transaction=False)
+    for call in calls:
+        pipeline.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+    replies = list(await pipeline.execute(raise_on_error=False))
+    for i, (reply, call) in enumerate(zip(replies, calls, strict=True)):
+        if isinstance(reply, NoScriptError):
+            replies[i] = await call.script(keys=call.keys, args=call.args, client=client)
+        elif isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 class GuardedRedis:

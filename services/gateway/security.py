@@ -4,17 +4,21 @@ For a route with a scope, in this order: the client IP's rate limit (before any 
 a flood of bad tokens is throttled too), the token (signature, claims, revocation), the
 revocation list's freshness, the scope, and the principal's rate limit for that scope. A token
 already verified (``TokenVerifier.remembered``) needs no token work, so for it both rate limits
-are taken in one Redis call after the checks, with the same outcome.
+are taken in one Redis call after the checks, with the same outcome. The search routes take
+that last charge in the same Redis round trip as their cache lookup (``admit``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
 
-from services.gateway.ratelimit import Bucket
+from services.gateway.ratelimit import Bucket, Charge
 from services.gateway.settings import SCOPES, WRITE_SCOPES
 from shared.problems import ProblemError
 from shared.tokens import Principal, bearer_token
@@ -42,14 +46,17 @@ def _state(request: Request) -> GatewayState:
     return request.app.state.gateway
 
 
-async def authorize(
-    request: Request,
-    security_scopes: SecurityScopes,
-    token: Annotated[str | None, Depends(oauth2_scheme)],
-) -> Principal:
+@dataclass(frozen=True)
+class Admission:
+    """A principal let in, with the rate-limit charge still to take (None: no bucket applies)."""
+
+    principal: Principal
+    charge: Charge | None
+
+
+async def _admit(request: Request, scopes: list[str], token: str | None) -> Admission:
     state = _state(request)
     settings = state.settings
-    scopes = security_scopes.scopes
     write = any(scope in WRITE_SCOPES for scope in scopes)
     limiter = state.limiter
     ip: list[Bucket] = (
@@ -82,13 +89,46 @@ async def authorize(
             for scope in scopes
             if scope in settings.rate_limits
         ]
-        await limiter.hit(ip, buckets, write=write)
-    return principal
+        return Admission(principal, limiter.charge(ip, buckets, write=write))
+    return Admission(principal, None)
+
+
+async def authorize(
+    request: Request,
+    security_scopes: SecurityScopes,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> Principal:
+    admission = await _admit(request, security_scopes.scopes, token)
+    if admission.charge is not None:
+        await admission.charge.take()
+    return admission.principal
+
+
+async def admit(
+    request: Request,
+    security_scopes: SecurityScopes,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> AsyncIterator[Admission]:
+    admission = await _admit(request, security_scopes.scopes, token)
+    try:
+        yield admission
+    finally:
+        # The route did not get as far as its Redis round trip (its input was refused): the
+        # request is charged all the same, as ``authorize`` would have charged it.
+        if admission.charge is not None and not admission.charge.settled:
+            with contextlib.suppress(ProblemError):
+                await admission.charge.take()
 
 
 def require(scope: str) -> Any:
     """``Annotated[Principal, require("search:text")]``: the route needs that scope."""
     return Security(authorize, scopes=[scope])
+
+
+def require_deferred(scope: str) -> Any:
+    """``Annotated[Admission, require_deferred("search:text")]``: as ``require``, but the route
+    takes ``Admission.charge`` itself, in a Redis round trip it makes anyway."""
+    return Security(admit, scopes=[scope])
 
 
 async def limit_token_requests(request: Request) -> None:
