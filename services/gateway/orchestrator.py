@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import orjson
 
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_text, text_digest
@@ -253,7 +253,7 @@ class Orchestrator:
             "model_id": model_id,
             "results": await self._hydrate(collection, hits, target),
         }
-        page = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        page = orjson.dumps(body)
         await self.cache.save(found.key, page, embed.entry() if embed is not None else None)
         return SearchResult(page, cached=False)
 
