@@ -32,7 +32,13 @@ from services.gateway.schemas import (
     check_collection,
     parse_filters_form,
 )
-from services.gateway.security import Admission, limit_token_requests, require, require_deferred
+from services.gateway.security import (
+    Admission,
+    limit_token_requests,
+    require,
+    require_deferred,
+    settle_admission,
+)
 from services.gateway.settings import GatewaySettings
 from services.gateway.uploads import read_upload
 from shared.app import BodySizeLimitMiddleware, build_app
@@ -86,7 +92,9 @@ CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN)]
 
 class BudgetMiddleware:
     """Give each request its time budget (``shared.http.request_deadline``): every downstream
-    call of a search shares ``search_seconds``; other requests get ``default_seconds``."""
+    call of a search shares ``search_seconds``; other requests get ``default_seconds``. A search
+    takes its rate-limit charge with its cache lookup (``security.admit``); one refused before
+    that, for its input, is charged here once answered, as ``authorize`` would have charged it."""
 
     def __init__(self, app: ASGIApp, *, search_seconds: float, default_seconds: float) -> None:
         self.app = app
@@ -97,10 +105,15 @@ class BudgetMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        seconds = self.search_seconds if path.startswith("/search/") else self.default_seconds
-        with request_deadline(seconds):
-            await self.app(scope, receive, send)
+        if not scope.get("path", "").startswith("/search/"):
+            with request_deadline(self.default_seconds):
+                await self.app(scope, receive, send)
+            return
+        try:
+            with request_deadline(self.search_seconds):
+                await self.app(scope, receive, send)
+        finally:
+            await settle_admission(scope)
 
 
 def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:

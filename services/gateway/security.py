@@ -11,12 +11,12 @@ that last charge in the same Redis round trip as their cache lookup (``admit``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
+from starlette.types import Scope
 
 from services.gateway.ratelimit import Bucket, Charge
 from services.gateway.settings import SCOPES, WRITE_SCOPES
@@ -108,16 +108,21 @@ async def admit(
     request: Request,
     security_scopes: SecurityScopes,
     token: Annotated[str | None, Depends(oauth2_scheme)],
-) -> AsyncIterator[Admission]:
+) -> Admission:
     admission = await _admit(request, security_scopes.scopes, token)
-    try:
-        yield admission
-    finally:
-        # The route did not get as far as its Redis round trip (its input was refused): the
-        # request is charged all the same, as ``authorize`` would have charged it.
-        if admission.charge is not None and not admission.charge.settled:
-            with contextlib.suppress(ProblemError):
-                await admission.charge.take()
+    # Found again by ``settle_admission`` once the request is answered.
+    request.state.admission = admission
+    return admission
+
+
+async def settle_admission(scope: Scope) -> None:
+    """Take the charge of an admission its route did not settle (the request was refused for
+    its input before its Redis round trip); the answer already sent stands."""
+    admission = scope.get("state", {}).get("admission")
+    charge = admission.charge if isinstance(admission, Admission) else None
+    if charge is not None and not charge.settled:
+        with contextlib.suppress(ProblemError):
+            await charge.take()
 
 
 def require(scope: str) -> Any:
@@ -127,7 +132,8 @@ def require(scope: str) -> Any:
 
 def require_deferred(scope: str) -> Any:
     """``Annotated[Admission, require_deferred("search:text")]``: as ``require``, but the route
-    takes ``Admission.charge`` itself, in a Redis round trip it makes anyway."""
+    takes ``Admission.charge`` itself, in a Redis round trip it makes anyway (for a path under
+    ``/search/``, where ``BudgetMiddleware`` settles a charge left untaken)."""
     return Security(admit, scopes=[scope])
 
 

@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 from fastapi.security import SecurityScopes
+from starlette.datastructures import State
 
+from services.gateway.app import BudgetMiddleware
 from services.gateway.cache import ResultCache
 from services.gateway.redis_guard import GuardedRedis, ScriptCall, run_scripts
-from services.gateway.security import Admission, admit
-from shared.problems import TooManyRequests, Unprocessable
+from services.gateway.security import Admission, admit, settle_admission
+from shared.problems import TooManyRequests
 from tests.services.gateway.test_gateway_security import Gateway, sign
 
 pytestmark = pytest.mark.anyio
@@ -28,21 +30,23 @@ class Search:
         self.gw = Gateway(guarded, prefix, ip=ip, principal=principal)
         self.cache = ResultCache(guarded, prefix=prefix, ttl_seconds=60)
         self.token = sign()
+        # The request's ASGI scope: ``admit`` leaves the admission in its state.
+        self.scope: dict[str, Any] = {"state": {}}
+        self.gw.request.state = State(self.scope["state"])  # type: ignore[attr-defined]
 
-    async def admitted(self) -> tuple[Any, Admission]:
-        steps = admit(self.gw.request, SecurityScopes(["search:text"]), self.token)  # type: ignore[arg-type]
-        return steps, await steps.__anext__()
+    async def admitted(self) -> Admission:
+        return await admit(self.gw.request, SecurityScopes(["search:text"]), self.token)  # type: ignore[arg-type]
 
     async def run(self) -> bytes | None:
         """One search answered from the cache when it can (the page is stored on a miss)."""
-        steps, admission = await self.admitted()
+        admission = await self.admitted()
         try:
             found = await self.cache.lookup(PARTS, None, admission.charge)
             if found.page is None:
                 await self.cache.save(found.key, b'{"results":[]}')
             return found.page
         finally:
-            await steps.aclose()
+            await settle_admission(self.scope)
 
 
 async def test_the_charge_and_the_lookup_share_one_round_trip(
@@ -74,14 +78,27 @@ async def test_a_search_refused_for_its_input_is_charged_all_the_same(
 ) -> None:
     search = Search(guarded, prefix, ip=10, principal=10)
     await search.run()
-    steps, admission = await search.admitted()
+    admission = await search.admitted()
     assert admission.charge is not None and not admission.charge.settled
-    with pytest.raises(Unprocessable):
-        try:
-            raise Unprocessable("filters must be a JSON object", code="invalid_filter")
-        except Unprocessable as exc:
-            await steps.athrow(exc)
+
+    async def refused_route(scope: Any, receive: Any, send: Any) -> None:
+        # What FastAPI does for a 422: the dependency ran, the route did not.
+        assert scope["state"]["admission"] is admission
+        await send({"type": "http.response.start", "status": 422, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    envelope = BudgetMiddleware(refused_route, search_seconds=5, default_seconds=5)
+    search.scope.update(type="http", path="/search/text")
+    await envelope(search.scope, None, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 422
     assert admission.charge.settled
+    assert await search.gw.left(search.gw.principal_key) == pytest.approx(8, abs=0.1)
+    await settle_admission(search.scope)  # settled once only
     assert await search.gw.left(search.gw.principal_key) == pytest.approx(8, abs=0.1)
 
 
