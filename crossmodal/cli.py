@@ -393,6 +393,14 @@ def index(
         bool, typer.Option("--restart", help="Ignore the journal of earlier runs.")
     ] = False,
     tag: Annotated[list[str] | None, typer.Option(help="A tag for every item; repeatable.")] = None,
+    allow_outside: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outside",
+            help="Index local files outside the manifest's folder (or the images root, or the "
+            "folder indexed), reached by '..', an absolute path or a symbolic link.",
+        ),
+    ] = False,
     allow_private_urls: Annotated[
         bool,
         typer.Option(
@@ -427,7 +435,9 @@ def index(
         raise fail(f"unknown format {fmt!r}: use auto, folder, coco, jsonl or csv")
     try:
         records = with_tags(
-            load_records(source, fmt, images_root=images_root),  # type: ignore[arg-type]
+            load_records(  # type: ignore[arg-type]
+                source, fmt, images_root=images_root, allow_outside=allow_outside
+            ),
             tag or [],
         )
         networks = FetchPolicy.networks(allow_network or [])

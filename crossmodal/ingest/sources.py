@@ -13,6 +13,11 @@ manifest, each turned into the same ``IngestRecord`` list.
   (or ``caption``), ``attributes``, ``tags``. Relative paths are relative to the manifest.
 - CSV: a header row with an image column (same names), ``captions`` and ``tags`` separated by
   ``|``; every other non-empty column is an attribute (integers and decimals become numbers).
+
+A manifest is untrusted input, and the indexing machine uploads whatever file it names: every
+local path must stay inside the folder it is read against (the manifest's folder, the COCO images
+root, or the folder indexed), after ``..`` and symbolic links are resolved, unless
+``allow_outside`` is set (``crossmodal index --allow-outside``).
 """
 
 from __future__ import annotations
@@ -58,20 +63,43 @@ class IngestRecord:
         return self.source
 
     @property
-    def source_uri(self) -> str:
-        return self.source if self.is_url else Path(self.source).as_uri()
+    def source_uri(self) -> str | None:
+        """What the item records as its origin: the URL; none for a local file (the server
+        keeps only links a reader may follow, never ``file:`` paths of the indexing machine)."""
+        return self.source if self.is_url else None
 
 
 def _is_url(text: str) -> bool:
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text))
 
 
-def _resolve(location: str, base: Path) -> str:
-    """A URL as is; a path made absolute against ``base``."""
-    if _is_url(location):
-        return location
-    path = Path(location).expanduser()
-    return str((path if path.is_absolute() else base / path).resolve())
+@dataclass(frozen=True)
+class SourceFolder:
+    """The folder a source's local paths are read against, and whether they may leave it."""
+
+    root: Path
+    allow_outside: bool = False
+
+    @classmethod
+    def of(cls, folder: Path, allow_outside: bool = False) -> SourceFolder:
+        return cls(folder.resolve(), allow_outside)
+
+    def resolve(self, location: str, where: str) -> str:
+        """A URL as is; a path made absolute against the folder, refused if it leaves it."""
+        if _is_url(location):
+            return location
+        path = Path(location).expanduser()
+        return str(self.check(path if path.is_absolute() else self.root / path, where))
+
+    def check(self, path: Path, where: str) -> Path:
+        """``path`` with ``..`` and symbolic links resolved, if that is inside the folder."""
+        resolved = path.resolve()
+        if not self.allow_outside and not resolved.is_relative_to(self.root):
+            raise SourceError(
+                f"{where}: {path} is outside {self.root} (resolved: {resolved}); refused, since "
+                "a manifest could name any readable file (pass --allow-outside to index it)"
+            )
+        return resolved
 
 
 def _text_list(value: Any, where: str, what: str) -> tuple[str, ...]:
@@ -92,7 +120,7 @@ def _attributes(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _record_from_object(entry: Any, where: str, base: Path) -> IngestRecord:
+def _record_from_object(entry: Any, where: str, base: SourceFolder) -> IngestRecord:
     if not isinstance(entry, dict):
         raise SourceError(f"{where}: expected an object")
     location = next((entry[k] for k in IMAGE_KEYS if isinstance(entry.get(k), str)), None)
@@ -102,7 +130,7 @@ def _record_from_object(entry: Any, where: str, base: Path) -> IngestRecord:
         entry.get("caption"), where, "caption"
     )
     return IngestRecord(
-        source=_resolve(location, base),
+        source=base.resolve(location, where),
         captions=captions,
         attributes=_attributes(entry.get("attributes"), where),
         tags=_text_list(entry.get("tags"), where, "tags"),
@@ -149,10 +177,12 @@ def _walk(root: Path) -> Iterator[Path]:
             yield path
 
 
-def read_folder(root: Path) -> list[IngestRecord]:
-    root = root.resolve()
+def read_folder(root: Path, *, allow_outside: bool = False) -> list[IngestRecord]:
+    folder = SourceFolder.of(root, allow_outside)
+    root = folder.root
     records = []
     for image in _walk(root):
+        folder.check(image, str(root))  # a symbolic link out of the folder
         captions, attributes, tags = _sidecar(image)
         records.append(IngestRecord(str(image), captions, attributes, tags))
     return records
@@ -171,24 +201,27 @@ def default_images_root(annotations: Path) -> Path:
     return annotations.parent
 
 
-def _image_index(root: Path) -> dict[str, Path]:
-    """Image files under ``root`` by stem, and by number for zero-padded COCO names."""
+def _image_index(folder: SourceFolder) -> dict[str, Path]:
+    """Image files under the folder by stem, and by number for zero-padded COCO names."""
     index: dict[str, Path] = {}
-    if not root.is_dir():
+    if not folder.root.is_dir():
         return index
-    for path in _walk(root):
+    for path in _walk(folder.root):
+        folder.check(path, str(folder.root))
         index.setdefault(path.stem, path)
         if path.stem.isdigit():
             index.setdefault(str(int(path.stem)), path)
     return index
 
 
-def read_coco(path: Path, images_root: Path | None = None) -> list[IngestRecord]:
+def read_coco(
+    path: Path, images_root: Path | None = None, *, allow_outside: bool = False
+) -> list[IngestRecord]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
-    root = (images_root or default_images_root(path)).resolve()
+    root = SourceFolder.of(images_root or default_images_root(path), allow_outside)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         return _read_coco_official(data, path, root)
     if isinstance(data, list):
@@ -199,7 +232,7 @@ def read_coco(path: Path, images_root: Path | None = None) -> list[IngestRecord]
     )
 
 
-def _read_coco_official(data: dict[str, Any], path: Path, root: Path) -> list[IngestRecord]:
+def _read_coco_official(data: dict[str, Any], path: Path, root: SourceFolder) -> list[IngestRecord]:
     captions: dict[Any, list[str]] = {}
     for i, annotation in enumerate(data.get("annotations") or []):
         if not isinstance(annotation, dict) or "image_id" not in annotation:
@@ -213,7 +246,7 @@ def _read_coco_official(data: dict[str, Any], path: Path, root: Path) -> list[In
             raise SourceError(f"{path}: images[{i}] needs id and file_name")
         records.append(
             IngestRecord(
-                source=_resolve(str(image["file_name"]), root),
+                source=root.resolve(str(image["file_name"]), f"{path}: images[{i}]"),
                 captions=tuple(captions.get(image["id"], ())),
                 attributes={"coco_id": image["id"]},
             )
@@ -221,7 +254,7 @@ def _read_coco_official(data: dict[str, Any], path: Path, root: Path) -> list[In
     return records
 
 
-def _read_coco_list(data: list[Any], path: Path, root: Path) -> list[IngestRecord]:
+def _read_coco_list(data: list[Any], path: Path, root: SourceFolder) -> list[IngestRecord]:
     index: dict[str, Path] | None = None
     records = []
     for i, entry in enumerate(data):
@@ -245,13 +278,15 @@ def _read_coco_list(data: list[Any], path: Path, root: Path) -> list[IngestRecor
         if explicit is None and isinstance(image_id, str) and Path(image_id).suffix:
             explicit = image_id  # the id is a file name
         if explicit is not None:
-            source = _resolve(explicit, root)
+            source = root.resolve(explicit, where)
         else:
             if index is None:
                 index = _image_index(root)
             found = index.get(str(image_id))
             if found is None:
-                raise SourceError(f"{where}: no image file for image_id {image_id!r} in {root}")
+                raise SourceError(
+                    f"{where}: no image file for image_id {image_id!r} in {root.root}"
+                )
             source = str(found)
         records.append(
             IngestRecord(
@@ -268,8 +303,8 @@ def _read_coco_list(data: list[Any], path: Path, root: Path) -> list[IngestRecor
 # --- manifests ---------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> list[IngestRecord]:
-    base = path.parent.resolve()
+def read_jsonl(path: Path, *, allow_outside: bool = False) -> list[IngestRecord]:
+    base = SourceFolder.of(path.parent, allow_outside)
     records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -296,8 +331,8 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split("|") if part.strip())
 
 
-def read_csv(path: Path) -> list[IngestRecord]:
-    base = path.parent.resolve()
+def read_csv(path: Path, *, allow_outside: bool = False) -> list[IngestRecord]:
+    base = SourceFolder.of(path.parent, allow_outside)
     records = []
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -320,7 +355,7 @@ def read_csv(path: Path) -> list[IngestRecord]:
             }
             records.append(
                 IngestRecord(
-                    source=_resolve(location, base),
+                    source=base.resolve(location, f"{path}:{number}"),
                     captions=captions,
                     attributes=attributes,
                     tags=_split(row.get("tags")),
@@ -346,9 +381,14 @@ def detect_format(path: Path) -> Format:
 
 
 def load_records(
-    path: Path, fmt: Format = "auto", *, images_root: Path | None = None
+    path: Path,
+    fmt: Format = "auto",
+    *,
+    images_root: Path | None = None,
+    allow_outside: bool = False,
 ) -> list[IngestRecord]:
-    """Every record of ``path`` read as ``fmt`` (detected from the path when ``auto``)."""
+    """Every record of ``path`` read as ``fmt`` (detected from the path when ``auto``); local
+    paths outside the source's folder are refused unless ``allow_outside``."""
     if not path.exists():
         raise SourceError(f"{path} does not exist")
     if fmt == "auto":
@@ -356,12 +396,12 @@ def load_records(
     if fmt == "folder":
         if not path.is_dir():
             raise SourceError(f"{path} is not a folder")
-        return read_folder(path)
+        return read_folder(path, allow_outside=allow_outside)
     if fmt == "coco":
-        return read_coco(path, images_root)
+        return read_coco(path, images_root, allow_outside=allow_outside)
     if fmt == "jsonl":
-        return read_jsonl(path)
-    return read_csv(path)
+        return read_jsonl(path, allow_outside=allow_outside)
+    return read_csv(path, allow_outside=allow_outside)
 
 
 def with_tags(records: Iterable[IngestRecord], tags: Iterable[str]) -> list[IngestRecord]:

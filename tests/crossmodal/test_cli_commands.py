@@ -3,6 +3,7 @@ tests/integration/test_ingest_cli.py): tokens, collections, search, index and ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 import time
@@ -247,9 +248,11 @@ def test_index_a_folder_resumes_and_reports_failures(
     states = metadata_gateway.metadata.get("/collections/pics/items").json()["items"]
     assert len(states) == 4
     items = [metadata_gateway.metadata.get(f"/items/{s['id']}").json() for s in states]
-    (first,) = [i for i in items if i["source_uri"].endswith("/pictures/p0.png")]
+    (first,) = [i for i in items if i["image_sha256"] == hashlib.sha256(png(0)).hexdigest()]
     assert [c["text"] for c in first["captions"]] == ["the first picture"]
     assert {tuple(i["tags"]) for i in items} == {("holiday",)}
+    # A local file's path on the indexing machine is not an origin a reader could follow.
+    assert {i["source_uri"] for i in items} == {None}
 
     (folder / "p4.png").write_bytes(png(4))
     result = invoke(*args)
@@ -282,6 +285,26 @@ def test_index_input_errors(metadata_gateway: FakeGateway, tmp_path: Path) -> No
         GATEWAY,
     )
     assert result.exit_code == 1 and "'else'" in result.output
+
+
+def test_index_refuses_manifest_paths_outside_its_folder(
+    metadata_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    (tmp_path / "secret.png").write_bytes(png(1))
+    manifest = tmp_path / "upload" / "items.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"image": "../secret.png", "caption": "x"}) + "\n")
+    args = ["index", str(manifest), "-c", "m", "--gateway", GATEWAY, "--token", "t"]
+    args += ["--journal", str(tmp_path / "journal.jsonl")]
+
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "items.jsonl:1" in result.output and "--allow-outside" in result.output
+    assert metadata_gateway.metadata.get("/collections/m").status_code == 404  # nothing sent
+
+    result = invoke(*args, "--allow-outside")
+    assert result.exit_code == 0, result.output
+    assert "1 indexed" in result.output
 
 
 def test_run_keeps_its_options(monkeypatch: pytest.MonkeyPatch) -> None:

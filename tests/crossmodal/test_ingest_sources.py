@@ -48,7 +48,7 @@ def test_folder_recursive_with_sidecars(tmp_path: Path) -> None:
     assert a.captions == ("a cat",) and a.attributes == {"year": 2020} and a.tags == ("pet",)
     assert c.captions == ("one", "two")
     assert all(Path(r.source).is_absolute() and not r.is_url for r in records)
-    assert b.source_uri.startswith("file:///")
+    assert b.source_uri is None  # a local path is no origin a reader could follow
 
 
 def test_bad_sidecar_names_its_file(tmp_path: Path) -> None:
@@ -154,7 +154,7 @@ def test_jsonl_manifest(tmp_path: Path) -> None:
                 json.dumps({"image": "pics/a.jpg", "captions": ["a"], "attributes": {"sku": 1}}),
                 "",
                 json.dumps({"url": "https://example.com/b.png", "caption": "b", "tags": ["x"]}),
-                json.dumps({"path": str(tmp_path / "abs.png")}),
+                json.dumps({"path": str(tmp_path / "m" / "abs.png")}),
             ]
         )
     )
@@ -163,7 +163,7 @@ def test_jsonl_manifest(tmp_path: Path) -> None:
     assert records[0].attributes == {"sku": 1}
     assert records[1] == IngestRecord("https://example.com/b.png", ("b",), {}, ("x",))
     assert records[1].is_url and records[1].source_uri == "https://example.com/b.png"
-    assert records[2].source == str(tmp_path / "abs.png")
+    assert records[2].source == str((tmp_path / "m" / "abs.png").resolve())
 
     manifest.write_text(json.dumps({"image": "a.jpg"}) + "\n{broken\n")
     with pytest.raises(SourceError, match=r"items.jsonl:2"):
@@ -198,6 +198,71 @@ def test_csv_manifest(tmp_path: Path) -> None:
     manifest.write_text("image,caption\n,y\n")
     with pytest.raises(SourceError, match=r"catalogue.csv:2"):
         load_records(manifest)
+
+
+def escapes(tmp_path: Path, folder: Path) -> dict[str, str]:
+    """Ways a manifest in ``folder`` can name a file outside it."""
+    secret = touch(tmp_path / "outside" / "secret.png")
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    (folder / "link.png").symlink_to(secret)
+    (folder / "linked-dir").symlink_to(secret.parent, target_is_directory=True)
+    return {
+        "parent": "../outside/secret.png",
+        "deep parent": "sub/../../../" + "../" * 10 + str(secret).lstrip("/"),
+        "absolute": str(secret),
+        "home": "~/secret.png",
+        "symlink": "link.png",
+        "symlinked folder": "linked-dir/secret.png",
+    }
+
+
+def test_manifest_paths_must_stay_in_the_manifest_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "upload"
+    inside = touch(folder / "ok.png")
+    for name, location in escapes(tmp_path, folder).items():
+        for manifest, text in (
+            (folder / "m.jsonl", json.dumps({"image": location}) + "\n"),
+            (folder / "m.csv", f"image\n{location}\n"),
+            (folder / "manifest.json", json.dumps([{"file": location}])),
+            (folder / "coco.json", json.dumps({"images": [{"id": 1, "file_name": location}]})),
+        ):
+            manifest.write_text(text)
+            with pytest.raises(SourceError, match=r"outside .*--allow-outside") as refused:
+                load_records(manifest)
+            assert manifest.name in str(refused.value), name
+            (record,) = load_records(manifest, allow_outside=True)
+            if name != "home":
+                assert record.source == str((tmp_path / "outside/secret.png").resolve()), name
+        # A path inside the folder, even written absolute or through "..", is fine.
+        for location in (str(inside), "sub/../ok.png"):
+            (folder / "m.jsonl").write_text(json.dumps({"image": location}) + "\n")
+            assert [r.source for r in load_records(folder / "m.jsonl")] == [str(inside.resolve())]
+
+
+def test_images_root_and_folders_keep_their_files_inside(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    escapes(tmp_path, images)
+    listing = tmp_path / "captions.json"
+    listing.write_text(json.dumps([{"image_id": "x.png", "caption": "x"}]))
+    touch(images / "x.png")
+    assert load_records(listing, images_root=images)[0].source == str((images / "x.png").resolve())
+    listing.write_text(json.dumps([{"image_id": "../outside/secret.png", "caption": "x"}]))
+    with pytest.raises(SourceError, match="outside"):
+        load_records(listing, images_root=images)
+    # Matched by stem in a walk of the images root: the symbolic link is found and refused.
+    listing.write_text(json.dumps([{"image_id": "link", "caption": "x"}]))
+    with pytest.raises(SourceError, match="outside"):
+        load_records(listing, images_root=images)
+
+    # A folder indexed: a symbolic link out of it is refused too, unless allowed.
+    with pytest.raises(SourceError, match=r"link\.png is outside"):
+        load_records(images)
+    allowed = load_records(images, allow_outside=True)
+    assert sorted(Path(r.source).relative_to(images).as_posix() for r in allowed) == [
+        "link.png",
+        "linked-dir/secret.png",
+        "x.png",
+    ]
 
 
 def test_format_detection(tmp_path: Path) -> None:
