@@ -8,6 +8,7 @@ a few KB of PNG can claim gigapixels), then a structural ``verify()`` (422).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -41,6 +42,52 @@ class ImageInfo:
     def content_type(self) -> str:
         # Taken from the detected format, never from what the client claimed.
         return Image.MIME.get(self.format, "application/octet-stream")
+
+
+# How a stored image is served back, by the type detected when it was uploaded. An upload can be
+# a valid image and, in the same bytes, a ZIP, HTML or script file (a polyglot): with `nosniff`,
+# one of these image types and a sandboxing CSP, a browser shows an image or nothing, never runs
+# it. Anything else (a type from an older release, say) is served as an opaque download.
+SERVED_IMAGE_TYPES: dict[str, tuple[str, str]] = {
+    "image/jpeg": ("image/jpeg", "jpg"),
+    "image/mpo": ("image/jpeg", "jpg"),  # a multi-picture JPEG: browsers show its first picture
+    "image/png": ("image/png", "png"),
+    "image/gif": ("image/gif", "gif"),
+    "image/webp": ("image/webp", "webp"),
+    "image/bmp": ("image/bmp", "bmp"),
+    "image/tiff": ("image/tiff", "tiff"),
+    "image/avif": ("image/avif", "avif"),
+}
+IMAGE_CONTENT_SECURITY_POLICY = "default-src 'none'; sandbox"
+_SAFE_FILE_STEM = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class ServedImage:
+    """The ``Content-Type`` and headers of a response carrying stored image bytes."""
+
+    media_type: str
+    headers: dict[str, str]
+
+
+def served_image(content_type: str, file_stem: str) -> ServedImage:
+    """How to serve bytes stored as ``content_type`` (the detected format, not the client's
+    claim), named ``file_stem`` plus the format's extension if saved."""
+    stem = _SAFE_FILE_STEM.sub("_", file_stem)[:100] or "image"
+    known = SERVED_IMAGE_TYPES.get(content_type.split(";")[0].strip().lower())
+    if known is None:
+        media_type, disposition = "application/octet-stream", f'attachment; filename="{stem}.bin"'
+    else:
+        media_type, extension = known
+        disposition = f'inline; filename="{stem}.{extension}"'
+    return ServedImage(
+        media_type,
+        {
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": IMAGE_CONTENT_SECURITY_POLICY,
+            "Content-Disposition": disposition,
+        },
+    )
 
 
 def inspect_image(

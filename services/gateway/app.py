@@ -55,6 +55,7 @@ from shared.contracts.metadata import (
 )
 from shared.contracts.retrieval import RetrievalClient
 from shared.http import CircuitBreaker, ServiceClient, request_deadline
+from shared.images import served_image
 from shared.oauth import REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
 from shared.problems import ProblemError
 from shared.tokens import JwksKeySource, Principal, TokenVerifier
@@ -459,7 +460,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.get(
         "/items/{item_id}/image",
         tags=["items"],
-        responses={200: {"description": "The stored image bytes", "content": {"image/*": {}}}}
+        responses={
+            200: {
+                "description": "The stored image bytes, as the format detected at upload (an "
+                "unknown one as a download), with nosniff and a sandboxing CSP",
+                "content": {"image/*": {}, "application/octet-stream": {}},
+            }
+        }
         | problems(*SECURED, 404),
         summary="An item's image, or its thumbnail with size=thumb. Scope items:read.",
     )
@@ -470,10 +477,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         size: Annotated[Literal["original", "thumb"], Query()] = "original",
     ) -> Response:
         stored = await state.backends.metadata.image(item_id, size=size)
-        headers = {"Cache-Control": "private, max-age=3600"}
+        # Re-derived here, not copied from metadata's answer: this is the public door.
+        served = served_image(
+            stored.content_type, f"item-{item_id}{'-thumb' if size == 'thumb' else ''}"
+        )
+        headers = {"Cache-Control": "private, max-age=3600", **served.headers}
         if stored.etag is not None:
             headers["ETag"] = stored.etag
-        return Response(stored.data, media_type=stored.content_type, headers=headers)
+        return Response(stored.data, media_type=served.media_type, headers=headers)
 
     @app.delete(
         "/items/{item_id}",

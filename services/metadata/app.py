@@ -42,6 +42,7 @@ from shared.contracts.metadata import (
     KeywordSearchRequest,
     StatusUpdate,
 )
+from shared.images import served_image
 from shared.problems import PayloadTooLarge
 
 # Room for the form fields around the image (captions, attributes, multipart framing).
@@ -115,16 +116,19 @@ def get_item_image(
     size: Annotated[Literal["original", "thumb"], Query()] = "original",
 ) -> Response:
     stored = repo.image(item_id, thumbnail=size == "thumb")
+    served = served_image(
+        stored.content_type, f"item-{item_id}{'-thumb' if size == 'thumb' else ''}"
+    )
     # Files are named by their content's hash, so the hash is a strong validator of the bytes.
     etag = stored.etag
-    headers = {"ETag": etag, "X-Content-Type-Options": "nosniff"}
+    headers = {"ETag": etag, **served.headers}
     client_tags = {
         tag.strip().removeprefix("W/")
         for tag in request.headers.get("if-none-match", "").split(",")
     }
     if etag in client_tags or "*" in client_tags:
         return Response(status_code=304, headers=headers)
-    return FileResponse(stored.path, media_type=stored.content_type, headers=headers)
+    return FileResponse(stored.path, media_type=served.media_type, headers=headers)
 
 
 @router.patch("/items/{item_id}")

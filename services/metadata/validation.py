@@ -10,6 +10,7 @@ import re
 from typing import Any, Final
 
 from shared.collections import COLLECTION_NAME_PATTERN, is_collection_name
+from shared.contracts.metadata import SOURCE_URI_PATTERN, SOURCE_URI_SCHEMES
 from shared.problems import Unprocessable
 
 # Keys end up inside a JSON path on SQLite ($."key"); a quote or backslash there would change
@@ -23,6 +24,7 @@ MAX_TAGS: Final = 64
 # and no surrounding spaces.
 TAG = re.compile(r"^[\w][\w .:/+&'#-]{0,62}[\w]$|^[\w]$")
 MAX_SOURCE_URI_CHARS: Final = 2048
+_SOURCE_URI = re.compile(SOURCE_URI_PATTERN)
 # SQLite stores JSON integers as signed 64-bit; larger ones would silently become floats.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -76,13 +78,16 @@ def check_tags(tags: list[str]) -> list[str]:
 
 
 def check_source_uri(uri: str | None) -> str | None:
-    """Where the image came from: stored as given, only bounded and without control characters."""
+    """Where the image came from: stored as given if it is a link a reader may follow (a scheme
+    of ``SOURCE_URI_SCHEMES``, no credentials, printable, bounded)."""
     if uri is None or not uri.strip():
         return None
     uri = uri.strip()
-    if len(uri) > MAX_SOURCE_URI_CHARS or any(ord(ch) < 32 or ord(ch) == 127 for ch in uri):
+    if len(uri) > MAX_SOURCE_URI_CHARS or not _SOURCE_URI.fullmatch(uri):
         raise Unprocessable(
-            f"source_uri must be at most {MAX_SOURCE_URI_CHARS} printable characters",
+            f"source_uri must be a URL with scheme {', '.join(SOURCE_URI_SCHEMES)} "
+            "(scheme://host/..., no user or password), of at most "
+            f"{MAX_SOURCE_URI_CHARS} printable characters",
             code="invalid_source_uri",
         )
     return uri

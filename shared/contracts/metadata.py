@@ -21,6 +21,15 @@ MAX_KEYWORD_TOP_K = 1000
 # A Faiss index factory string such as "Flat", "HNSW32" or "IVF256,PQ16x8": letters, digits and
 # a few separators, never free text.
 INDEX_FACTORY = re.compile(r"^[A-Za-z0-9_,.=x-]{1,128}$")
+# Where an item's image came from is a link a reader may follow, so only these schemes: a page
+# showing it must never run ``javascript:`` or ``data:`` nor open a ``file:`` path.
+SOURCE_URI_SCHEMES = ("http", "https", "s3", "gs")
+# The rule as a pattern, valid in JSON Schema (ECMAScript) as in Python: one of the schemes in any
+# letter case, "://", a host without user or password, then printable characters only.
+SOURCE_URI_PATTERN = (
+    r"^\s*([Hh][Tt][Tt][Pp][Ss]?|[Ss]3|[Gg][Ss])://[^\x00-\x20\x7f/?#@]+"
+    r"([/?#][^\x00-\x1f\x7f]*)?\s*$"
+)
 
 
 class CaptionOut(BaseModel):
@@ -231,7 +240,11 @@ class ItemForm(BaseModel):
     captions: list[str] = Field(default_factory=list)
     attributes: str | None = Field(None, description="JSON object, checked by the service")
     tags: list[str] = Field(default_factory=list)
-    source_uri: str | None = None
+    source_uri: str | None = Field(
+        None,
+        description="Where the image came from: a URL with scheme "
+        f"{', '.join(SOURCE_URI_SCHEMES)}; checked by the service (SOURCE_URI_PATTERN)",
+    )
 
 
 class MetadataClient(ServiceApi):

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from shared.images import inspect_image
+from shared.images import inspect_image, served_image
 from shared.problems import PayloadTooLarge, Unprocessable
 
 
@@ -62,3 +62,36 @@ def test_a_header_claiming_gigapixels_is_refused_before_decoding() -> None:
     assert len(bomb) < 200_000
     with pytest.raises(PayloadTooLarge):
         inspect_image(bomb, max_bytes=10**6, max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize(
+    ("stored", "media_type", "disposition"),
+    [
+        ("image/png", "image/png", 'inline; filename="item-7.png"'),
+        ("image/jpeg", "image/jpeg", 'inline; filename="item-7.jpg"'),
+        ("image/mpo", "image/jpeg", 'inline; filename="item-7.jpg"'),
+        ("IMAGE/AVIF; x=1", "image/avif", 'inline; filename="item-7.avif"'),
+        # Never a type a browser would render as a page or run, whatever a row says.
+        ("text/html", "application/octet-stream", 'attachment; filename="item-7.bin"'),
+        ("image/svg+xml", "application/octet-stream", 'attachment; filename="item-7.bin"'),
+        ("application/zip", "application/octet-stream", 'attachment; filename="item-7.bin"'),
+        ("", "application/octet-stream", 'attachment; filename="item-7.bin"'),
+    ],
+)
+def test_stored_images_are_served_as_images_or_downloads(
+    stored: str, media_type: str, disposition: str
+) -> None:
+    served = served_image(stored, "item-7")
+    assert served.media_type == media_type
+    assert served.headers == {
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+        "Content-Disposition": disposition,
+    }
+
+
+def test_the_served_file_name_cannot_break_out_of_its_header() -> None:
+    disposition = served_image("image/png", 'a"; filename=x.html\r\nX: y/../').headers[
+        "Content-Disposition"
+    ]
+    assert disposition == 'inline; filename="a___filename_x.html__X__y_.._.png"'

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
+import zipfile
 from datetime import UTC, datetime
 from typing import Any
 
@@ -101,6 +103,35 @@ def test_jpeg_content_type_is_detected(client: TestClient) -> None:
     item = create(client, image=jpeg_bytes(), content_type="image/png", filename="x.png")
     assert item["content_type"] == "image/jpeg"
     assert client.get(f"/items/{item['id']}/image").headers["content-type"] == "image/jpeg"
+
+
+def test_a_jpeg_zip_polyglot_is_served_as_an_image_a_browser_will_not_sniff(
+    client: TestClient,
+) -> None:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("index.html", "<script>alert(document.domain)</script>")
+    polyglot = jpeg_bytes() + archive.getvalue()
+    item = create(client, image=polyglot, content_type="text/html", filename="x.html")
+    assert item["content_type"] == "image/jpeg"  # detected, not what the client claimed
+
+    response = client.get(f"/items/{item['id']}/image")
+    assert response.content == polyglot
+    assert zipfile.ZipFile(io.BytesIO(response.content)).read("index.html")  # still a ZIP
+    assert response.headers["content-type"] == "image/jpeg"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-security-policy"] == "default-src 'none'; sandbox"
+    assert response.headers["content-disposition"] == f'inline; filename="item-{item["id"]}.jpg"'
+    cached = client.get(
+        f"/items/{item['id']}/image", headers={"If-None-Match": response.headers["etag"]}
+    )
+    assert cached.status_code == 304 and cached.headers["x-content-type-options"] == "nosniff"
+    thumb = client.get(f"/items/{item['id']}/image", params={"size": "thumb"})
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.headers["x-content-type-options"] == "nosniff"
+    assert thumb.headers["content-disposition"] == (
+        f'inline; filename="item-{item["id"]}-thumb.jpg"'
+    )
 
 
 def test_item_without_captions_or_attributes(client: TestClient) -> None:

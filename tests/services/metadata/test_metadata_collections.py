@@ -340,8 +340,8 @@ def test_undecodable_pixels_are_refused_at_ingest(
 
 
 def test_status_updates_record_model_errors_and_attempts(client: TestClient) -> None:
-    item = create(client, source_uri="file:///photos/a.png", tags=["x"])
-    assert item["source_uri"] == "file:///photos/a.png"
+    item = create(client, source_uri="s3://photos/a.png", tags=["x"])
+    assert item["source_uri"] == "s3://photos/a.png"
     failed = client.patch(f"/items/{item['id']}", json={"status": "failed", "error": "timeout"})
     assert failed.json()["error"] == "timeout" and failed.json()["attempts"] == 1
     failed = client.patch(f"/items/{item['id']}", json={"status": "failed"})
@@ -376,6 +376,49 @@ def test_tags_are_trimmed_and_deduplicated(client: TestClient) -> None:
     item = create(client, tags=[" sea ", "sky", "sea", "New York"])
     assert item["tags"] == ["sea", "sky", "New York"]
     assert_problem(upload(client, source_uri="x" * 3000), 422, "invalid_source_uri")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://example.com/a.png",
+        "https://example.com:8443/a%20b.png?x=1#f",
+        "  HTTPS://example.com/a b.png  ",  # any letter case; surrounding space trimmed
+        "s3://bucket/key/a.png",
+        "gs://bucket/a.png",
+        "https://example.com/@someone/a.png",  # an @ in the path is no credential
+    ],
+)
+def test_source_uri_keeps_links_a_reader_may_follow(client: TestClient, uri: str) -> None:
+    assert create(client, source_uri=uri)["source_uri"] == uri.strip()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "javascript:alert(document.cookie)",
+        "JavaScript://example.com/%0aalert(1)",
+        "data:text/html,<script>alert(1)</script>",
+        "file:///etc/passwd",
+        "file://server/share/a.png",
+        "ftp://example.com/a.png",
+        "vbscript:msgbox(1)",
+        "//example.com/a.png",  # scheme-relative
+        "/photos/a.png",
+        "https:/example.com/a.png",
+        "https:///etc/passwd",  # no host
+        "https://user:secret@example.com/a.png",  # credentials would be shown to every reader
+        "https://user@example.com/a.png",
+        "https://exa mple.com/a.png",
+        "https://example.com/a\x00.png",
+        "https://example.com/a\n.png",
+        "https://" + "x" * 2041,
+    ],
+)
+def test_source_uri_refuses_other_schemes(client: TestClient, uri: str) -> None:
+    response = upload(client, source_uri=uri)
+    assert_problem(response, 422, "invalid_source_uri")
+    assert "http, https, s3, gs" in response.json()["detail"]
 
 
 def test_item_states_page_by_status(client: TestClient) -> None:

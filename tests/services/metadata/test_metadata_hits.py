@@ -40,7 +40,7 @@ def test_hits_are_the_bytes_the_models_would_write(client: TestClient) -> None:
         captions=["zwei Wörter", 'café ☕ "quoted"', "third"],
         tags=["b", "a", "ünï"],
         attributes='{"n": 3, "x": 1.5, "ok": true, "none": null, "name": "é", "big": 12345678901}',
-        source_uri="file:///data/a.png",
+        source_uri="https://example.com/a.png",
     )
     bare = create_indexed(client)  # no captions, no tags, no attributes
     # Failed once, then indexed: attempts and model_id come back as they are stored.
