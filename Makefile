@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 LOCK_VENV := var/lock-venv
 
-.PHONY: install lock run test lint format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m bench-e2e gpu-wheels
+.PHONY: install lock run test lint audit format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m bench-e2e gpu-wheels
 RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1.5.9 lancedb==0.40.0
 
 # The install steps, shared by `install` (with $(2) = -c constraints.txt) and `lock` (without).
@@ -67,6 +67,20 @@ test: install lint
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# pip-audit over constraints.txt (.ci/audit.py; docs/security.md, "Dependency audit"). pip-audit
+# is a tool, not part of the product: it lives in a venv of its own, outside the lock.
+AUDIT_VENV := var/audit-venv
+PIP_AUDIT_VERSION ?= 2.10.1
+
+audit: $(AUDIT_VENV)/.installed
+	$(AUDIT_VENV)/bin/python .ci/audit.py
+
+$(AUDIT_VENV)/.installed: Makefile
+	rm -rf $(AUDIT_VENV)
+	$(PYTHON) -m venv $(AUDIT_VENV)
+	$(AUDIT_VENV)/bin/python -m pip install --quiet "pip-audit==$(PIP_AUDIT_VERSION)"
+	touch $@
 
 format: install
 	$(PY) -m ruff format .
