@@ -194,15 +194,33 @@ def build_app(
     return app
 
 
-def serve(service: str, factory: Callable[[], FastAPI], settings: ServiceSettings) -> None:
-    """Run one service in the foreground: the command ``make run``, compose and Kubernetes use."""
+def uvicorn_options(
+    settings: ServiceSettings, *, trusted_proxies: Sequence[str] = ()
+) -> dict[str, Any]:
+    """How ``serve`` runs uvicorn. ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are read only
+    from a peer in ``trusted_proxies`` (addresses or networks); with none, not at all. (Left to
+    itself, uvicorn would trust them from 127.0.0.1, or from ``FORWARDED_ALLOW_IPS``: any local
+    process could pick the address its requests are limited by.)"""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+        "proxy_headers": bool(trusted_proxies),
+        "forwarded_allow_ips": list(trusted_proxies),
+    }
+
+
+def serve(
+    service: str,
+    factory: Callable[[], FastAPI],
+    settings: ServiceSettings,
+    *,
+    trusted_proxies: Sequence[str] = (),
+) -> None:
+    """Run one service in the foreground: the command ``make run``, compose and Kubernetes use.
+    Only the gateway has proxies in front (``trusted_proxies``); the internal services take
+    their peer's address as it is."""
     configure_logging(service, settings.log_level)
-    uvicorn.run(
-        factory,
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run(factory, factory=True, **uvicorn_options(settings, trusted_proxies=trusted_proxies))

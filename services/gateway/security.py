@@ -38,7 +38,8 @@ oauth2_scheme = OAuth2PasswordBearer(
 
 
 def client_ip(request: Request) -> str:
-    # uvicorn rewrites the client from X-Forwarded-For only for proxies in FORWARDED_ALLOW_IPS.
+    # uvicorn rewrites the client from X-Forwarded-For only for a peer in
+    # GATEWAY_TRUSTED_PROXIES (shared.app.serve); else it is the TCP peer.
     return request.client.host if request.client else "unknown"
 
 

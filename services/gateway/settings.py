@@ -3,6 +3,7 @@ are JSON, e.g. ``GATEWAY_RATE_LIMITS='{"search:image": {"rate": 5, "burst": 10}}
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -94,6 +95,10 @@ class GatewaySettings(ServiceSettings):
     rate_limits: dict[str, RateLimit] = Field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     ip_rate_limit: RateLimit | None = RateLimit(rate=200, burst=400)
     token_rate_limit: RateLimit | None = RateLimit(rate=2, burst=30)
+    # The client address of the limits is the TCP peer. Only a peer listed here (addresses or
+    # networks of the reverse proxies in front, e.g. '["10.244.0.0/16"]') may name another one
+    # in X-Forwarded-For; by default none may.
+    trusted_proxies: tuple[str, ...] = ()
     # When a control cannot be checked (Redis down for the rate limiter, a stale revocation
     # list): let reads through, refuse writes (items:write, admin) with a 503.
     fail_open_reads: bool = True
@@ -134,6 +139,26 @@ class GatewaySettings(ServiceSettings):
         if unknown:
             raise ValueError(f"unknown scope(s) {unknown}; known: {sorted(SCOPES)}")
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        proxies = tuple(entry.strip() for entry in value)
+        for entry in proxies:
+            if entry == "*":
+                raise ValueError(
+                    "trusted proxies must be addresses or networks, not '*': any client could "
+                    "then choose the address that its requests are limited by"
+                )
+            try:
+                network = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted proxy {entry!r} is not an IP address or network"
+                ) from None
+            if network.prefixlen == 0:
+                raise ValueError(f"trusted proxy {entry!r} is every address, as '*' would be")
+        return proxies
 
     @field_validator("allowed_upload_types")
     @classmethod

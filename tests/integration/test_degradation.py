@@ -3,8 +3,9 @@ a private ``redis-server`` that can be killed and restarted (the shared one on 6
 touched), tiny rate limits, and a short circuit-breaker cool-down. Services are stopped, killed
 and frozen (SIGSTOP) for real.
 
-Requests come from distinct client addresses (``X-Forwarded-For``, which uvicorn trusts from
-127.0.0.1), so the per-IP limits of one test never throttle another.
+Requests come from distinct client addresses (``X-Forwarded-For``, which the gateway of this
+stack takes from 127.0.0.1 as from a trusted proxy), so the per-IP limits of one test never
+throttle another.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def dstack(
             "GATEWAY_RATE_LIMITS": json.dumps({"items:read": {"rate": 0.25, "burst": 3}}),
             "GATEWAY_IP_RATE_LIMIT": json.dumps({"rate": 0.5, "burst": 15}),
             "GATEWAY_TOKEN_RATE_LIMIT": json.dumps({"rate": 0.1, "burst": 4}),
+            "GATEWAY_TRUSTED_PROXIES": json.dumps(["127.0.0.1"]),
             "GATEWAY_BREAKER_FAILURE_THRESHOLD": "2",
             "GATEWAY_BREAKER_RESET_SECONDS": str(BREAKER_RESET),
             "GATEWAY_REDIS_RETRY_SECONDS": "1",
