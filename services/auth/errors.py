@@ -4,8 +4,10 @@ all ``shared.problems.ProblemError``s."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from services.auth.principals import AuthFailure
+from shared import lockout
 from shared.problems import Conflict, NotFound, ProblemError, Unprocessable
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
@@ -22,8 +24,15 @@ class TokenError(ProblemError):
         status: int,
         reason: str,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(detail, code=code, status=status, headers={**NO_STORE, **(headers or {})})
+        super().__init__(
+            detail,
+            code=code,
+            status=status,
+            headers={**NO_STORE, **(headers or {})},
+            extra=extra,
+        )
         self.reason = reason
 
 
@@ -32,17 +41,26 @@ def invalid_request(detail: str) -> TokenError:
 
 
 def invalid_grant(failure: AuthFailure) -> TokenError:
-    detail = (
-        "this account is disabled"
-        if failure is AuthFailure.DISABLED
-        else "invalid username or password"
-    )
+    # One answer for every cause, a disabled account included (telling it apart would confirm
+    # its password): the reason is in the metric and the log only.
     return TokenError(
-        detail,
+        "invalid username or password",
         code="invalid_grant",
         status=401,
         reason=failure.value,
         headers={"WWW-Authenticate": 'Bearer realm="crossmodal"'},
+    )
+
+
+def account_locked(retry_after: float, lockout_seconds: float) -> TokenError:
+    problem = lockout.account_locked(retry_after, lockout_seconds)
+    return TokenError(
+        problem.detail,
+        code=problem.code,
+        status=problem.status,
+        reason="account_locked",
+        headers=problem.headers,
+        extra=problem.extra,
     )
 
 

@@ -11,6 +11,7 @@ GRANT_TYPES = ("password", "client_credentials", "refresh_token")
 FAILURE_REASONS = (
     *(failure.value for failure in AuthFailure),
     *(failure.value for failure in RefreshFailure),
+    "account_locked",
     "invalid_client",
     "invalid_request",
     "invalid_scope",

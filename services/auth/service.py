@@ -18,6 +18,7 @@ from services.auth import errors
 from services.auth.issuer import IssuedToken, TokenIssuer
 from services.auth.keys import load_or_create_private_key
 from services.auth.keystore import KeyInfo, KeyRotationError, KeyStore, Rotation
+from services.auth.lockout import AccountLocked, LoginLockout
 from services.auth.metrics import KEY_ROTATIONS, REVOCATIONS
 from services.auth.principals import (
     AuthFailure,
@@ -67,6 +68,9 @@ class AuthService:
             make_hasher(time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib),
         )
         self.revocations = RevocationStore(engine)
+        self.logins = LoginLockout(
+            settings.login_backoff, max_accounts=settings.login_max_tracked_accounts
+        )
         self.refresh_tokens = RefreshTokenStore(
             engine,
             ttl_seconds=settings.refresh_token_ttl_seconds,
@@ -135,9 +139,21 @@ class AuthService:
     # -- grants -------------------------------------------------------------------------------
 
     def password_grant(self, username: str, password: str, requested: frozenset[str]) -> TokenSet:
-        outcome = self.principals.authenticate(username, password, PrincipalKind.USER)
+        # Every name is counted alike, known or not: a lock must not tell which names exist.
+        try:
+            attempt = self.logins.begin(username)
+        except AccountLocked as locked:
+            raise errors.account_locked(locked.retry_after, locked.lockout_seconds) from None
+        try:
+            outcome = self.principals.authenticate(username, password, PrincipalKind.USER)
+        except BaseException:
+            self.logins.refund(attempt)
+            raise
         if isinstance(outcome, AuthFailure):
+            # A disabled account's right password counts as a failure too: clearing its count
+            # would tell the password apart.
             raise errors.invalid_grant(outcome)
+        self.logins.succeeded(attempt)
         scopes = _scopes_for(outcome, requested)
         access = self.issuer.issue(outcome.name, scopes)
         refresh = self.refresh_tokens.issue(
@@ -150,12 +166,8 @@ class AuthService:
     ) -> TokenSet:
         outcome = self.principals.authenticate(client_id, secret, PrincipalKind.CLIENT)
         if isinstance(outcome, AuthFailure):
-            detail = (
-                "this client is disabled"
-                if outcome is AuthFailure.DISABLED
-                else "invalid client credentials"
-            )
-            raise errors.invalid_client(detail, outcome.value)
+            # As for users: a disabled client answers as a wrong secret would.
+            raise errors.invalid_client("invalid client credentials", outcome.value)
         # No refresh token: a client can always authenticate again (RFC 6749 §4.4.3).
         return TokenSet(self.issuer.issue(outcome.name, _scopes_for(outcome, requested)))
 

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.auth.scopes import KNOWN_SCOPES, format_scopes, unknown_scopes
 from shared.contracts.auth import MAX_SECRET_LENGTH, NAME_PATTERN
+from shared.lockout import LoginBackoff
 from shared.settings import ServiceSettings
 
 DEFAULT_DEV_PASSWORD = "demo-password"
@@ -104,6 +105,12 @@ class AuthSettings(ServiceSettings):
     # argon2id cost; the defaults are argon2-cffi's (RFC 9106 "low memory" profile). Tests lower them.
     argon2_time_cost: int = Field(3, ge=1, le=20)
     argon2_memory_kib: int = Field(65536, ge=64, le=4 * 1024 * 1024)
+    # Failed password logins per account (shared/lockout.py), counted here too so that a caller
+    # of /token that bypasses the gateway is limited as well, e.g.
+    # AUTH_LOGIN_BACKOFF='{"free_failures": 5, "base_seconds": 1, "max_seconds": 900}'.
+    login_backoff: LoginBackoff = LoginBackoff()
+    # How many accounts' failures are kept in memory at most (about 200 bytes each).
+    login_max_tracked_accounts: int = Field(50_000, ge=1000, le=1_000_000)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -34,6 +34,7 @@ from services.gateway.schemas import (
 )
 from services.gateway.security import (
     Admission,
+    limit_login,
     limit_token_requests,
     require,
     require_deferred,
@@ -351,7 +352,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         dependencies=[Depends(limit_token_requests)],
     )
     async def token(request: Request, state: State) -> Response:
-        return await forward_form(request, state, "/token")
+        # Per IP (the dependency), then per account: a locked account is refused here.
+        return await limit_login(request, lambda: forward_form(request, state, "/token"))
 
     @app.post(
         "/auth/revoke",

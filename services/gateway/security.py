@@ -11,15 +11,19 @@ that last charge in the same Redis round trip as their cache lookup (``admit``).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request, Response, Security
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.types import Scope
 
 from services.gateway.ratelimit import Bucket, Charge
 from services.gateway.settings import SCOPES, WRITE_SCOPES
+from shared.oauth import FORM_MEDIA_TYPE
 from shared.problems import ProblemError
 from shared.tokens import Principal, bearer_token
 
@@ -147,3 +151,46 @@ async def limit_token_requests(request: Request) -> None:
             [limiter.bucket("token", client_ip(request), state.settings.token_rate_limit)],
             write=False,
         )
+
+
+async def _password_login(request: Request) -> str | None:
+    """The account a token request logs in to with a password, read as the auth service reads
+    it (the same form parser); None when it is no such request, which the auth service then
+    refuses without looking at a password."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != FORM_MEDIA_TYPE:
+        return None
+    await request.body()  # kept by the request, for the forwarding after the parse
+    try:
+        form = await request.form()
+    except (HTTPException, MultiPartException):  # the auth service refuses it alike
+        return None
+    username = form.get("username")
+    if form.get("grant_type") != "password" or not isinstance(username, str) or not username:
+        return None
+    return username
+
+
+async def limit_login(request: Request, forward: Callable[[], Awaitable[Response]]) -> Response:
+    """``forward`` a token request, within the per-account limit of password logins
+    (``RateLimiter.begin_login``): refused with a 429 while its account is locked; otherwise
+    counted as a failure unless the auth service answers 200, or answers something other than
+    401 (a malformed request, an error: given back)."""
+    state = _state(request)
+    limiter = state.limiter
+    account = await _password_login(request) if limiter is not None else None
+    attempt = None
+    if limiter is not None and account is not None:
+        attempt = await limiter.begin_login(account, state.settings.login_backoff)
+    if attempt is None:
+        return await forward()
+    try:
+        response = await forward()
+    except Exception:
+        await attempt.refund()
+        raise
+    if response.status_code == 200:
+        await attempt.succeeded()
+    elif response.status_code != 401:
+        await attempt.refund()
+    return response

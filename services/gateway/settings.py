@@ -9,6 +9,7 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.lockout import LoginBackoff
 from shared.settings import ServiceSettings
 
 SCOPES: dict[str, str] = {
@@ -95,6 +96,9 @@ class GatewaySettings(ServiceSettings):
     rate_limits: dict[str, RateLimit] = Field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     ip_rate_limit: RateLimit | None = RateLimit(rate=200, burst=400)
     token_rate_limit: RateLimit | None = RateLimit(rate=2, burst=30)
+    # Failed password logins per account, from every address (shared/lockout.py), e.g.
+    # GATEWAY_LOGIN_BACKOFF='{"free_failures": 5, "base_seconds": 1, "max_seconds": 900}'.
+    login_backoff: LoginBackoff = LoginBackoff()
     # The client address of the limits is the TCP peer. Only a peer listed here (addresses or
     # networks of the reverse proxies in front, e.g. '["10.244.0.0/16"]') may name another one
     # in X-Forwarded-For; by default none may.

@@ -160,14 +160,26 @@ def test_bad_user_credentials_are_invalid_grant(
     assert _counter("auth_token_failures_total", reason=reason) == before + 1
 
 
-def test_disabled_user_is_invalid_grant(client: TestClient) -> None:
+def test_a_disabled_account_answers_as_a_wrong_password(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
     assert _password(client, "reader", READER_PASSWORD).status_code == 200
     assert client.app.state.auth.service.principals.set_disabled("reader", True)
-    body = _assert_problem(_password(client, "reader", READER_PASSWORD), 401, "invalid_grant")
-    assert "disabled" in body["detail"]
-    # A wrong password on a disabled account does not reveal that it is disabled.
-    body = _assert_problem(_password(client, "reader", "not-the-password"), 401, "invalid_grant")
-    assert "disabled" not in body["detail"]
+    disabled_before = _counter("auth_token_failures_total", reason="disabled")
+    with caplog.at_level("INFO", logger="services.auth.app"):
+        right = _password(client, "reader", READER_PASSWORD)
+    wrong = _password(client, "reader", "not-the-password")
+    # The right password of a disabled account would be confirmed by any difference.
+    for response in (right, wrong):
+        _assert_problem(response, 401, "invalid_grant")
+    assert right.json() == wrong.json()
+    assert right.json()["detail"] == "invalid username or password"
+    assert {k: v for k, v in right.headers.items() if k not in ("x-request-id", "date")} == {
+        k: v for k, v in wrong.headers.items() if k not in ("x-request-id", "date")
+    }
+    # The reason is kept for the operators: in the metric and the log.
+    assert _counter("auth_token_failures_total", reason="disabled") == disabled_before + 1
+    assert "invalid_grant (disabled)" in caplog.text
 
 
 @pytest.mark.parametrize("grant_type", ["authorization_code", "device_code", "implicit"])
@@ -284,6 +296,21 @@ def test_bad_client_credentials_are_invalid_client(
     response = client.post("/token", data={"grant_type": "client_credentials"}, headers=headers)
     _assert_problem(response, 401, "invalid_client")
     assert response.headers["www-authenticate"].startswith("Basic")
+
+
+def test_a_disabled_client_answers_as_a_wrong_secret(client: TestClient) -> None:
+    assert client.app.state.auth.service.principals.set_disabled(CLIENT_ID, True)
+
+    def grant(secret: str) -> httpx.Response:
+        return client.post(
+            "/token", data={"grant_type": "client_credentials"}, headers=_basic(CLIENT_ID, secret)
+        )
+
+    right, wrong = grant(CLIENT_SECRET), grant("not-the-secret")
+    for response in (right, wrong):
+        _assert_problem(response, 401, "invalid_client")
+    assert right.json() == wrong.json()
+    assert right.json()["detail"] == "invalid client credentials"
 
 
 def test_wrong_client_secret_in_the_body_is_invalid_client(client: TestClient) -> None:

@@ -10,6 +10,7 @@ import pytest
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.redis_guard import GuardedRedis
 from services.gateway.settings import RateLimit
+from shared.lockout import LoginBackoff
 from shared.problems import ServiceUnavailable, TooManyRequests
 
 pytestmark = pytest.mark.anyio
@@ -117,3 +118,74 @@ async def test_stages_are_taken_in_order_as_separate_calls_would(
     await limiter.hit(
         [], [limiter.bucket("ip", "203.0.113.8", RateLimit(rate=1, burst=1))], write=False
     )
+
+
+# -- failed logins per account ----------------------------------------------------------------
+
+BACKOFF = LoginBackoff(free_failures=1, base_seconds=10, max_seconds=40, forget_seconds=600)
+
+
+async def _locked(limiter: RateLimiter, account: str, policy: LoginBackoff) -> TooManyRequests:
+    with pytest.raises(TooManyRequests) as raised:
+        await limiter.begin_login(account, policy)
+    return raised.value
+
+
+async def _run_out(guarded: GuardedRedis, limiter: RateLimiter, account: str) -> None:
+    """As if the account's lock had run out (Redis's clock cannot be moved)."""
+    await guarded.client.hset(limiter.account_key(account), "until", "0")
+
+
+async def test_an_accounts_lock_doubles_with_each_failure(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    await limiter.begin_login("alice", BACKOFF)  # free
+    await limiter.begin_login("alice", BACKOFF)  # counted as failed: locks for 10 s
+    locked = await _locked(limiter, "alice", BACKOFF)
+    assert (locked.status, locked.code) == (429, "rate_limited")
+    assert locked.extra == {"limit": "account", "lockout_seconds": 10}
+    assert 1 <= int(locked.headers["Retry-After"]) <= 10
+    for lockout in (20, 40, 40):  # doubled each time, up to the ceiling
+        await _run_out(guarded, limiter, "alice")
+        await limiter.begin_login("alice", BACKOFF)
+        assert (await _locked(limiter, "alice", BACKOFF)).extra["lockout_seconds"] == lockout
+    # Refused attempts are not counted: the lock is still the last one.
+    assert (await _locked(limiter, "alice", BACKOFF)).extra["lockout_seconds"] == 40
+    # Other accounts are apart.
+    await limiter.begin_login("bob", BACKOFF)
+
+
+async def test_a_success_clears_and_a_refund_gives_back(guarded: GuardedRedis, prefix: str) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    attempt = await limiter.begin_login("alice", BACKOFF)
+    assert attempt is not None
+    await attempt.succeeded()
+    assert not await guarded.client.exists(limiter.account_key("alice"))
+    await limiter.begin_login("alice", BACKOFF)  # one failure: the free one
+    attempt = await limiter.begin_login("alice", BACKOFF)  # would lock, unless given back
+    assert attempt is not None
+    await attempt.refund()
+    attempt = await limiter.begin_login("alice", BACKOFF)
+    assert attempt is not None and attempt.failures == 2
+    await _locked(limiter, "alice", BACKOFF)
+
+
+async def test_an_account_is_forgotten_after_a_quiet_while(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    limiter = RateLimiter(guarded, prefix=prefix)
+    policy = BACKOFF.model_copy(update={"forget_seconds": 600})
+    await limiter.begin_login("alice", policy)
+    ttl = await guarded.client.pttl(limiter.account_key("alice"))
+    assert 590_000 < ttl <= 600_000
+    await limiter.begin_login("alice", policy)  # locks for 10 s: kept 10 s longer
+    ttl = await guarded.client.pttl(limiter.account_key("alice"))
+    assert 600_000 < ttl <= 610_000
+
+
+async def test_account_limit_without_redis_follows_the_read_policy(dead: GuardedRedis) -> None:
+    assert await RateLimiter(dead, prefix="x").begin_login("alice", BACKOFF) is None
+    closed = RateLimiter(dead, prefix="x", fail_open_reads=False)
+    with pytest.raises(ServiceUnavailable):
+        await closed.begin_login("alice", BACKOFF)
