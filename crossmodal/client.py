@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from shared.contracts.metadata import MAX_HASHES
+
 DEFAULT_GATEWAY = "http://127.0.0.1:8000"
 _ITEM_IN_DETAIL = re.compile(r"\bitem (\d+)\b")
 
@@ -206,17 +208,22 @@ class GatewayClient:
     def find_hashes(self, collection: str, hashes: list[str]) -> dict[str, dict[str, Any]] | None:
         """Which image hashes the collection already holds (``{sha256: {"id", "status"}}``), or
         None when the gateway does not offer the lookup (older gateways)."""
-        try:
-            response = self.request(
-                "POST", f"/collections/{collection}/hashes", json={"sha256": hashes}
-            )
-        except GatewayError as exc:
-            if exc.status == 404 and exc.code == "collection_not_found":
-                return {}
-            if exc.status in (404, 405):
-                return None
-            raise
-        return {entry["sha256"]: entry for entry in response.json()["items"]}
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(hashes), MAX_HASHES):
+            try:
+                response = self.request(
+                    "POST",
+                    f"/collections/{collection}/hashes",
+                    json={"sha256": hashes[start : start + MAX_HASHES]},
+                )
+            except GatewayError as exc:
+                if exc.status == 404 and exc.code == "collection_not_found":
+                    return {}
+                if exc.status in (404, 405):
+                    return None
+                raise
+            found |= {entry["sha256"]: entry for entry in response.json()["items"]}
+        return found
 
     # --- search -------------------------------------------------------------------------
 

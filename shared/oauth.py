@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.contracts.auth import MAX_SECRET_LENGTH, SCOPES
+
 FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+MAX_NAME_LENGTH = 128
+MAX_TOKEN_LENGTH = 8192
+# Space-separated known scopes (RFC 6749 §3.3); empty asks for every scope granted.
+_SCOPE_PATTERN = "^(?:(?:" + "|".join(SCOPES) + ")(?: +|$))*$"
+
+
+def _text(max_length: int, **extra: Any) -> dict[str, Any]:
+    # An empty value is refused like a missing one.
+    return {"type": "string", "minLength": 1, "maxLength": max_length, **extra}
 
 
 def _form_doc(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -27,19 +38,38 @@ TOKEN_REQUEST_DOC = _form_doc(
             "type": "string",
             "enum": ["password", "client_credentials", "refresh_token"],
         },
-        "username": {"type": "string"},
-        "password": {"type": "string", "format": "password"},
-        "client_id": {"type": "string"},
-        "client_secret": {"type": "string", "format": "password"},
-        "refresh_token": {"type": "string", "format": "password"},
-        "scope": {"type": "string", "description": "space-separated scopes"},
+        "username": _text(MAX_NAME_LENGTH, description="with the password grant"),
+        "password": _text(
+            MAX_SECRET_LENGTH, format="password", description="with the password grant"
+        ),
+        "client_id": _text(
+            MAX_NAME_LENGTH,
+            description="with the client_credentials grant, unless HTTP Basic carries it",
+        ),
+        "client_secret": _text(
+            MAX_SECRET_LENGTH,
+            format="password",
+            description="with the client_credentials grant, unless HTTP Basic carries it",
+        ),
+        "refresh_token": _text(
+            MAX_TOKEN_LENGTH, format="password", description="with the refresh_token grant"
+        ),
+        "scope": {
+            "type": "string",
+            "pattern": _SCOPE_PATTERN,
+            "description": "space-separated scopes; none asks for every scope granted",
+        },
     },
     ["grant_type"],
 )
 REVOKE_REQUEST_DOC = _form_doc(
     {
-        "token": {"type": "string", "format": "password"},
-        "token_type_hint": {"type": "string", "enum": ["access_token", "refresh_token"]},
+        "token": _text(MAX_TOKEN_LENGTH, format="password"),
+        # RFC 7009 §2.1: only a hint; every token is looked up whatever it says.
+        "token_type_hint": {
+            "type": "string",
+            "description": "access_token or refresh_token; a hint, which the lookup ignores",
+        },
     },
     ["token"],
 )

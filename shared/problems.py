@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://crossmodal.dev/problems/"
@@ -152,6 +153,22 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+_HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def allowed_methods(app: FastAPI, path: str, routed: str = "") -> str:
+    """The ``Allow`` header of a 405 on ``path``: every method of every documented operation
+    whose path template matches, with ``routed`` (the router's own ``Allow``, which names only
+    the first route it matched). FastAPI declares one route per method, so the router alone
+    would answer ``Allow: GET`` for a path that also takes DELETE."""
+    methods = {m.strip().upper() for m in routed.split(",") if m.strip()}
+    for template, item in app.openapi().get("paths", {}).items():
+        regex, _, _ = compile_path(template)
+        if regex.match(path):
+            methods.update(m.upper() for m in item if m.upper() in _HTTP_METHODS)
+    return ", ".join(m for m in _HTTP_METHODS if m in methods)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
@@ -172,8 +189,13 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(
+                request.app, request.url.path, headers.pop("Allow", "")
+            )
         return problem_response(
-            request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
+            request, exc.status_code, code, str(exc.detail), headers=headers or None
         )
 
     @app.exception_handler(Exception)

@@ -30,14 +30,18 @@ from services.auth.service import AuthService, TokenSet
 from services.auth.settings import MAX_SECRET_LENGTH, AuthSettings
 from shared.app import build_app
 from shared.contracts.auth import RevocationEntry, RevocationFeed
-from shared.oauth import FORM_MEDIA_TYPE, REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
+from shared.oauth import (
+    FORM_MEDIA_TYPE,
+    MAX_NAME_LENGTH,
+    MAX_TOKEN_LENGTH,
+    REVOKE_REQUEST_DOC,
+    TOKEN_REQUEST_DOC,
+)
 from shared.problems import ProblemError
 from shared.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
 
-MAX_NAME_LENGTH = 128
-MAX_TOKEN_LENGTH = 8192
 JWKS_CACHE = {"Cache-Control": "public, max-age=300"}
 
 

@@ -76,12 +76,16 @@ class PrincipalRecord:
 
 
 def _record(row: PrincipalRow) -> PrincipalRecord:
+    created_at = row.created_at
+    # SQLite gives back naive datetimes; every stored one is UTC.
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=UTC)
     return PrincipalRecord(
         name=row.name,
         kind=PrincipalKind(row.kind),
         scopes=parse_scope(row.scopes),
         disabled=row.disabled,
-        created_at=row.created_at,
+        created_at=created_at,
     )
 
 

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-KNOWN_SCOPES: tuple[str, ...] = (
-    "search:text",
-    "search:image",
-    "items:read",
-    "items:write",
-    "admin",
-)
+from shared.contracts.auth import SCOPES as KNOWN_SCOPES
+
 _ORDER = {scope: index for index, scope in enumerate(KNOWN_SCOPES)}
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from services.gateway.openapi import SECURED, problems
+from services.gateway.openapi import SECURED, links, problems
 from services.gateway.security import require
 from shared.contracts.auth import (
     AuthClient,
@@ -62,7 +62,19 @@ async def list_principals(_: Admin, auth: Auth, token: Token) -> PrincipalList:
     status_code=201,
     response_model=PrincipalCreated,
     response_model_exclude_none=True,
-    responses=problems(*SECURED, 409),
+    responses={
+        201: {
+            "description": "The principal, and its secret when generated",
+            "links": links(
+                "name",
+                "/principal/name",
+                ("get", "/admin/principals/{name}"),
+                ("patch", "/admin/principals/{name}"),
+                ("post", "/admin/principals/{name}/revoke-tokens"),
+            ),
+        }
+    }
+    | problems(*SECURED, 409),
     summary="Create a user or an API client. Scope admin.",
 )
 async def create_principal(

@@ -20,16 +20,24 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.gateway import admin
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache
-from services.gateway.openapi import SECURED, install_openapi, problems
+from services.gateway.openapi import SECURED, install_openapi, links, problems
 from services.gateway.orchestrator import Backends, Orchestrator, SearchResult
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.redis_guard import GuardedRedis, make_redis_client
 from services.gateway.revocations import RevocationList
 from services.gateway.schemas import (
+    MAX_CAPTIONS,
+    MAX_TAGS,
+    NOT_EMPTY,
+    CaptionText,
+    PublicItem,
     SearchResponse,
+    SourceUri,
+    Tag,
     Target,
     TextSearchRequest,
-    check_collection,
+    not_null,
+    one_or_many,
     parse_filters_form,
 )
 from services.gateway.security import (
@@ -46,8 +54,10 @@ from shared.app import BodySizeLimitMiddleware, build_app
 from shared.collections import COLLECTION_NAME_PATTERN
 from shared.contracts.auth import AuthClient
 from shared.contracts.feature import FeatureClient
+from shared.contracts.filters import component_schema
 from shared.contracts.metadata import (
     CollectionCreate,
+    CollectionDeleted,
     CollectionOut,
     CollectionsOut,
     HashesOut,
@@ -320,6 +330,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_openapi(app)
     max_upload = settings.max_upload_bytes
     upload_types = settings.allowed_upload_types
+    # The image part's media types, in the document as the settings allow them.
+    image_part = {
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "encoding": {"image": {"contentType": ", ".join(upload_types)}}
+                }
+            }
+        }
+    }
 
     async def forward_form(request: Request, state: GatewayState, path: str) -> Response:
         headers = {"Content-Type": request.headers.get("content-type", "")}
@@ -338,7 +358,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return Response(
             upstream.content,
             status_code=upstream.status_code,
-            media_type=upstream.headers.get("content-type", "application/json"),
+            # None when the answer has no body (a revocation): no Content-Type then.
+            media_type=upstream.headers.get("content-type"),
             headers=answer,
         )
 
@@ -357,6 +378,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.post(
         "/auth/revoke",
+        response_class=Response,
         tags=["auth"],
         summary="Revoke a refresh token (its whole family) or an access token (RFC 7009); "
         "answers 200 for unknown tokens too",
@@ -399,15 +421,24 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         responses=problems(*SECURED, 404, 409, 413, 415),
         summary="Search by image: captions (target=text) or similar images (target=image). "
         "Scope search:image.",
+        openapi_extra=image_part,
     )
     async def search_image(
         state: State,
         admission: Annotated[Admission, require_deferred("search:image")],
-        image: Annotated[UploadFile, File(description="The query image.")],
+        image: Annotated[
+            UploadFile, File(description="The query image.", json_schema_extra=NOT_EMPTY)
+        ],
         top_k: Annotated[int, Form(ge=1, le=100)] = 10,
         target: Annotated[Target, Form()] = "text",
         collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
-        filters: Annotated[str | None, Form(description="JSON object")] = None,
+        filters: Annotated[
+            str | None,
+            Form(
+                description="A filter (JSON object), as in /search/text",
+                json_schema_extra=component_schema("Filter"),
+            ),
+        ] = None,
     ) -> Response:
         upload = await read_upload(image, max_upload, upload_types)
         result = await state.orchestrator.search_image(
@@ -424,20 +455,56 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "/items",
         tags=["items"],
         status_code=201,
-        responses=problems(*SECURED, 409, 413, 415),
+        response_model=PublicItem,
+        responses={
+            201: {
+                "description": "The item, indexed",
+                "links": links(
+                    "item_id",
+                    "/id",
+                    ("get", "/items/{item_id}"),
+                    ("get", "/items/{item_id}/image"),
+                    ("delete", "/items/{item_id}"),
+                ),
+            }
+        }
+        | problems(*SECURED, 404, 409, 413, 415),
         summary="Add an item. Scope items:write.",
+        openapi_extra=image_part,
     )
     async def add_item(
         state: State,
         _: Annotated[Principal, require("items:write")],
-        image: Annotated[UploadFile, File()],
-        collection: Annotated[str, Form()] = "demo",
-        caption: Annotated[list[str] | None, Form(description="Repeat for several.")] = None,
-        attributes: Annotated[str | None, Form(description="JSON object")] = None,
-        tag: Annotated[list[str] | None, Form(description="Repeat for several.")] = None,
-        source_uri: Annotated[str | None, Form(max_length=2048)] = None,
+        image: Annotated[UploadFile, File(json_schema_extra=NOT_EMPTY)],
+        collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
+        caption: Annotated[
+            list[CaptionText] | None,
+            Form(
+                description="Repeat for several.",
+                max_length=MAX_CAPTIONS,
+                json_schema_extra=one_or_many,
+            ),
+        ] = None,
+        attributes: Annotated[
+            str | None,
+            Form(
+                description="The item's attributes (JSON object)",
+                json_schema_extra=component_schema("Attributes"),
+            ),
+        ] = None,
+        tag: Annotated[
+            list[Tag] | None,
+            Form(
+                description="Repeat for several.",
+                max_length=MAX_TAGS,
+                json_schema_extra=one_or_many,
+            ),
+        ] = None,
+        source_uri: Annotated[
+            SourceUri | None,
+            Form(description="Where the image came from", json_schema_extra=not_null),
+        ] = None,
     ) -> dict[str, Any]:
-        check_collection(collection)
         upload = await read_upload(image, max_upload, upload_types)
         return await state.orchestrator.add_item(
             upload,
@@ -451,6 +518,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.get(
         "/items/{item_id}",
         tags=["items"],
+        response_model=PublicItem,
         responses=problems(*SECURED, 404),
         summary="Get an item. Scope items:read.",
     )
@@ -528,7 +596,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "/collections",
         tags=["collections"],
         status_code=201,
-        responses=problems(*SECURED, 409),
+        responses={
+            201: {
+                "description": "The collection, empty",
+                "links": links(
+                    "collection",
+                    "/name",
+                    ("get", "/collections/{collection}"),
+                    ("post", "/collections/{collection}/hashes"),
+                    ("delete", "/collections/{collection}"),
+                ),
+            }
+        }
+        | problems(*SECURED, 409),
         summary="Create a collection with its model id and index settings. Scope admin.",
     )
     async def create_collection(
@@ -539,6 +619,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.delete(
         "/collections/{collection}",
         tags=["collections"],
+        response_model=CollectionDeleted,
         responses=problems(*SECURED, 404),
         summary="Delete a collection, its items and their vectors. Scope admin.",
     )

@@ -10,12 +10,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.contracts.filters import FILTER_SCHEMAS
 from shared.problems import PROBLEM_CONTENT_TYPE
 
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 _DESCRIPTIONS = {
-    400: "Malformed request (OAuth2 token errors: `invalid_request`, `invalid_scope`, …)",
+    400: "Malformed request: a body that does not parse (`bad_request`); OAuth2 token errors "
+    "(`invalid_request`, `invalid_scope`, …)",
     401: "No token (`missing_token`), a bad one (`invalid_token`), an expired one "
     "(`token_expired`) or a revoked one (`token_revoked`)",
     403: "The token lacks the route's scope (`insufficient_scope`, `required_scopes`)",
@@ -65,6 +67,21 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # What any route with a scope can answer, besides its own errors.
 SECURED = (401, 403, 422, 429, 503)
+# What any route with a request body can answer: a body that does not parse (400) and one over
+# the size limits (413), refused before the route runs.
+WITH_BODY = (400, 413)
+
+
+def links(parameter: str, pointer: str, *operations: tuple[str, str]) -> dict[str, Any]:
+    """OpenAPI links from a created resource to the operations (method, path) that take it:
+    ``parameter`` of each is ``pointer`` in the answer's body."""
+    return {
+        f"{method.lower()}{path.replace('/', '_').replace('{', '').replace('}', '')}": {
+            "operationRef": "#/paths/" + path.replace("~", "~0").replace("/", "~1") + f"/{method}",
+            "parameters": {parameter: f"$response.body#{pointer}"},
+        }
+        for method, path in operations
+    }
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -82,9 +99,17 @@ def install_openapi(app: FastAPI) -> None:
             problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(problem.pop("$defs", {}))
             components["Problem"] = problem
+            # The filter language and attributes, which fields refer to (component_schema).
+            components.update(FILTER_SCHEMAS)
             # FastAPI's own validation-error schemas are never answered: problems replace them.
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    if "requestBody" in operation:
+                        responses = operation.setdefault("responses", {})
+                        for status, response in problems(*WITH_BODY).items():
+                            responses.setdefault(str(status), response)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -3,20 +3,68 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
-from shared.collections import COLLECTION_NAME_PATTERN, is_collection_name
+from shared.collections import COLLECTION_NAME_PATTERN
+from shared.contracts.filters import TAG_PATTERN, component_schema
+from shared.contracts.metadata import SOURCE_URI_PATTERN, ItemOut
 from shared.problems import Unprocessable
 
 MAX_QUERY_CHARS = 1000
+# The metadata service's defaults (METADATA_MAX_CAPTION_CHARS, METADATA_MAX_CAPTIONS, MAX_TAGS,
+# MAX_SOURCE_URI_CHARS): it checks captions, tags and the source URI itself, after removing
+# surrounding white space.
+MAX_CAPTION_CHARS = 1000
+MAX_CAPTIONS = 32
+MAX_TAGS = 64
+MAX_SOURCE_URI_CHARS = 2048
+# An uploaded image's schema: an empty file is refused (invalid_image).
+NOT_EMPTY = {"minLength": 1}
+
+
+def not_null(schema: dict[str, Any]) -> None:
+    """A ``json_schema_extra`` for an optional form field: absent is how a form leaves it out;
+    it cannot send null (the text "null" is a value like any other)."""
+    kept = [s for s in schema.pop("anyOf") if s.get("type") != "null"]
+    if len(kept) == 1:
+        schema.update(kept[0])
+    else:
+        schema["anyOf"] = kept
+
+
+def one_or_many(schema: dict[str, Any]) -> None:
+    """A ``json_schema_extra`` for a repeatable form field (``list[X] | None``): on the wire a
+    field sent once is a list of one, so the document says "X, or a list of X" (and not null,
+    which a form cannot send)."""
+    many = next(s for s in schema.pop("anyOf") if s.get("type") == "array")
+    schema["anyOf"] = [many, many["items"]]
+
 
 Target = Literal["image", "text"]
 SearchMode = Literal["vector", "keyword", "hybrid"]
 # The filter language is the metadata service's (docs/metadata.md): it validates, with a pointer
-# to the bad part; the gateway only checks that filters are a JSON object.
+# to the bad part; the gateway only checks that filters are a JSON object. The document describes
+# the language (shared/contracts/filters.py).
 Filters = dict[str, Any]
+
+
+def _integer(value: Any) -> Any:
+    # JSON Schema's integer: 10 and 10.0, never "10" or true (which pydantic's lax int takes).
+    if isinstance(value, str | bool):
+        raise ValueError("must be an integer")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integer)]
 
 
 class SearchOptions(BaseModel):
@@ -24,7 +72,7 @@ class SearchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(10, ge=1, le=100, description="Number of results, 1 to 100.")
+    top_k: JsonInt = Field(10, ge=1, le=100, description="Number of results, 1 to 100.")
     target: Target = Field("image", description="What to return: images or captions.")
     collection: str = Field("demo", pattern=COLLECTION_NAME_PATTERN)
     filters: Filters | None = Field(
@@ -32,11 +80,22 @@ class SearchOptions(BaseModel):
         description="Filter language of docs/metadata.md: {attribute: value}, "
         "{attribute: [values]}, ranges, tags, and/or/not.",
         examples=[{"colour": "red"}, {"colour": ["red", "blue"], "shape": "circle"}],
+        json_schema_extra=component_schema("Filter", nullable=True),
     )
 
 
 class TextSearchRequest(SearchOptions):
-    query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS)
+    # Keyword search (alone or in hybrid) needs a word: a letter or a digit (metadata's
+    # fulltext.query_terms); it answers invalid_query otherwise.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"mode": {"enum": ["keyword", "hybrid"]}}, "required": ["mode"]},
+            "then": {"properties": {"query": {"pattern": r"[^\W_]"}}},
+        }
+    )
+
+    # Not blank: at least one character that is not white space.
+    query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")
     mode: SearchMode = Field(
         "vector",
         description="vector (CLIP similarity), keyword (full text over captions and tags), "
@@ -52,6 +111,18 @@ class TextSearchRequest(SearchOptions):
         return normalised
 
 
+# Form fields of POST /items as the document describes them.
+CaptionText = Annotated[str, StringConstraints(max_length=MAX_CAPTION_CHARS, pattern=r"\S")]
+Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
+SourceUri = Annotated[
+    str, StringConstraints(max_length=MAX_SOURCE_URI_CHARS, pattern=SOURCE_URI_PATTERN)
+]
+
+
+class PublicItem(ItemOut):
+    image_url: str = Field(description="Where GET answers the item's image")
+
+
 class Caption(BaseModel):
     id: int
     text: str
@@ -62,7 +133,7 @@ class SearchHit(BaseModel):
     score: float
     item_id: int
     caption: Caption | None = Field(None, description="The matching caption when target=text.")
-    item: dict[str, Any]
+    item: PublicItem
 
 
 class SearchResponse(BaseModel):
@@ -86,12 +157,3 @@ def parse_filters_form(raw: str | None) -> Filters | None:
     if not isinstance(value, dict):
         raise Unprocessable("filters must be a JSON object", code="invalid_filter")
     return value
-
-
-def check_collection(name: str) -> str:
-    if not is_collection_name(name):
-        raise Unprocessable(
-            "collection names are 1-64 characters of a-z, 0-9, '_' and '-'",
-            code="invalid_collection",
-        )
-    return name

@@ -5,17 +5,22 @@ client the gateway's revocation poller and ``/admin`` router use."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, StrictBool, StrictFloat
 
 from shared.contracts.client import JSON_HEADERS, ServiceApi
 
 # User names and client ids: printable, no spaces or colons (a colon would break HTTP Basic).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 MAX_SECRET_LENGTH = 1024
+# Secrets set through the admin API; the auth service checks the length itself, so a short one
+# is refused with its own code (weak_secret), and the document says the same.
+MIN_SECRET_LENGTH = 12
+# The platform's scopes; the auth service refuses others with its own code (unknown_scope), and
+# the document lists them.
+SCOPES = ("search:text", "search:image", "items:read", "items:write", "admin")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Secret = Annotated[
@@ -23,8 +28,11 @@ Secret = Annotated[
     Field(
         min_length=1,
         max_length=MAX_SECRET_LENGTH,
-        json_schema_extra={"format": "password", "writeOnly": True},
+        json_schema_extra={"format": "password", "writeOnly": True, "minLength": MIN_SECRET_LENGTH},
     ),
+]
+Scopes = Annotated[
+    list[str], Field(json_schema_extra={"items": {"type": "string", "enum": list(SCOPES)}})
 ]
 PrincipalKind = Literal["user", "client"]
 
@@ -34,7 +42,7 @@ class PrincipalOut(BaseModel):
     kind: PrincipalKind
     scopes: list[str]
     disabled: bool
-    created_at: datetime
+    created_at: AwareDatetime
 
 
 class PrincipalList(BaseModel):
@@ -52,7 +60,7 @@ class PrincipalCreate(BaseModel):
         description="The password or client secret (12+ characters); generated and returned "
         "when omitted.",
     )
-    scopes: list[str] = Field(default_factory=list, examples=[["search:text", "items:read"]])
+    scopes: Scopes = Field(default_factory=list, examples=[["search:text", "items:read"]])
 
 
 class PrincipalCreated(BaseModel):
@@ -63,8 +71,8 @@ class PrincipalCreated(BaseModel):
 class PrincipalUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    scopes: list[str] | None = None
-    disabled: bool | None = None
+    scopes: Scopes | None = None
+    disabled: StrictBool | None = None
     secret: Secret | None = None
 
 
@@ -80,7 +88,8 @@ class TokenRevocation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     jti: str = Field(min_length=1, max_length=64)
-    expires_at: float | None = Field(
+    # Strict: JSON false or "1" is not a time.
+    expires_at: StrictFloat | None = Field(
         None, description="The token's exp, when known: the entry is dropped after it."
     )
 

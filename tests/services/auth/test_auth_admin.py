@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import jwt
@@ -127,6 +128,29 @@ def test_bad_principal_requests_are_refused(
     assert "another-password" not in response.text and "short" not in response.text.replace(
         "shorter", ""
     )
+
+
+def test_principal_times_carry_their_time_zone(client: TestClient, admin: dict[str, str]) -> None:
+    # SQLite hands naive datetimes back; every stored one is UTC, and the answer says so.
+    created_at = client.get("/admin/principals/demo", headers=admin).json()["created_at"]
+    assert datetime.fromisoformat(created_at).utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/admin/revocations", {"jti": "abc", "expires_at": False}),
+        ("POST", "/admin/revocations", {"jti": "abc", "expires_at": "2000000000"}),
+        ("PATCH", "/admin/principals/reader", {"disabled": 0}),
+        ("PATCH", "/admin/principals/reader", {"disabled": "true"}),
+    ],
+)
+def test_admin_bodies_take_json_types_as_they_are(
+    client: TestClient, admin: dict[str, str], method: str, path: str, body: dict[str, Any]
+) -> None:
+    # false is not a time nor 0 a boolean: what the document says is what is accepted.
+    _problem(client.request(method, path, headers=admin, json=body), 422, "validation_error")
+    assert client.get("/admin/principals/reader", headers=admin).json()["disabled"] is False
 
 
 def test_unknown_principal_is_404(client: TestClient, admin: dict[str, str]) -> None:

@@ -96,6 +96,74 @@ def test_error_bodies_are_problems(doc: dict[str, Any]) -> None:
             }, (key, status)
 
 
+def test_every_body_can_be_malformed_or_too_large(doc: dict[str, Any]) -> None:
+    # Both are answered before the route runs, whatever the route.
+    with_body = {key: op for key, op in _operations(doc).items() if "requestBody" in op}
+    assert len(with_body) == 10
+    for key, operation in with_body.items():
+        assert {"400", "413"} <= set(operation["responses"]), key
+
+
+def test_bodies_and_form_fields_are_described(doc: dict[str, Any]) -> None:
+    schemas = doc["components"]["schemas"]
+    operations = _operations(doc)
+
+    def body(method: str, path: str, media_type: str = "application/json") -> dict[str, Any]:
+        content = operations[(method, path)]["requestBody"]["content"][media_type]
+        return schemas[content["schema"]["$ref"].rsplit("/", 1)[1]]  # type: ignore[no-any-return]
+
+    assert body("post", "/collections")["required"] == ["name"]
+    hashes = body("post", "/collections/{collection}/hashes")["properties"]["sha256"]
+    assert hashes["maxItems"] * 68 < 64 * 1024  # fits the default JSON body limit
+    assert body("post", "/search/text")["properties"]["filters"]["anyOf"][0] == {
+        "$ref": "#/components/schemas/Filter"
+    }
+    form = body("post", "/items", "multipart/form-data")["properties"]
+    assert form["attributes"]["allOf"] == [{"$ref": "#/components/schemas/Attributes"}]
+    assert form["source_uri"]["pattern"].startswith("^")
+    assert [branch.get("type") for branch in form["caption"]["anyOf"]] == ["array", "string"]
+    for path in ("/items", "/search/image"):
+        encoding = operations[("post", path)]["requestBody"]["content"]["multipart/form-data"]
+        assert encoding["encoding"]["image"]["contentType"].split(", ") == list(
+            GatewaySettings().allowed_upload_types
+        )
+    assert {"Filter", "AttributeCondition", "TagCondition", "AttributeValue"} <= set(schemas)
+
+
+def test_created_resources_link_to_their_operations(doc: dict[str, Any]) -> None:
+    operations = _operations(doc)
+    for key, parameter, targets in (
+        (("post", "/items"), "item_id", 3),
+        (("post", "/collections"), "collection", 3),
+        (("post", "/admin/principals"), "name", 3),
+    ):
+        links = operations[key]["responses"]["201"]["links"]
+        assert len(links) == targets, key
+        for link in links.values():
+            path, method = link["operationRef"].removeprefix("#/paths/").rsplit("/", 1)
+            assert (method, path.replace("~1", "/")) in operations
+            assert set(link["parameters"]) == {parameter}
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/collections", "GET, POST"),
+        ("/collections/demo", "GET, DELETE"),
+        ("/items/1", "GET, DELETE"),
+        ("/admin/principals", "GET, POST"),
+        ("/admin/principals/alice", "GET, PATCH"),
+        ("/auth/token", "POST"),
+    ],
+)
+def test_405_names_every_method_of_the_path(path: str, allowed: str) -> None:
+    # FastAPI routes each method separately: the router alone would name the first one only.
+    response = TestClient(create_app(GatewaySettings())).request("OPTIONS", path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert response.json()["code"] == "method_not_allowed"
+
+
 def test_docs_page_is_served() -> None:
     response = TestClient(create_app(GatewaySettings())).get("/docs")
     assert response.status_code == 200
