@@ -9,13 +9,15 @@ examples, coverage, fuzzing and stateful phases) against a stack of its own.
 - Requests carry the token of a throwaway admin client created for the run (client_credentials,
   fetched once: fuzzing /auth/token cannot lock it out). Steps aimed at that client by name go to
   a decoy principal instead, so that no step can revoke, disable or re-key the fuzzer's own access.
-- Bounded and deterministic: a fixed seed and derandomized generation, MAX_EXAMPLES cases per
+- Bounded and deterministic: a fixed seed and derandomized generation (and none of Hypothesis'
+  constants taken from whichever project modules are imported), MAX_EXAMPLES cases per
   operation and phase, SCENARIOS stateful scenarios of at most STEPS steps; the same cases on
   every run and machine, about a minute on two cores.
 - Where schemathesis is wrong about the document, and only there, the test says why and adjusts:
-  OAuth2 answers wrong credentials with 400 (RFC 6749 §5.2); "negative" cases that are valid after
-  all (anyOf) are checked as the positive cases they are; an image part is a real image in a
-  positive case.
+  OAuth2 answers wrong credentials with 400 (RFC 6749 §5.2); a body over the byte limit gets the
+  documented 413, which JSON Schema cannot foresee; "negative" cases that are valid after all
+  (anyOf) are checked as the positive cases they are; an image part is a real image in a positive
+  case.
 """
 
 from __future__ import annotations
