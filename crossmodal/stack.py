@@ -1,14 +1,12 @@
 """The services of the stack and the command that starts each one.
 
 ``make run`` starts these commands as local processes; ``docker-compose.yml`` and the Kubernetes
-manifests run the same commands in containers (a test checks they agree). A local stack gets
-client secrets of its own for the calling services (shared/service_auth.py), new at each start.
+manifests run the same commands in containers (a test checks they agree).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -18,17 +16,12 @@ from pathlib import Path
 
 import httpx
 
-from shared.service_auth import CALLERS, audience
-
 
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
     env_prefix: str
     port: int
-    # Where docker-compose.yml and the Kubernetes manifests serve /metrics alone, for the
-    # monitoring system only (``<PREFIX>METRICS_PORT``); a local stack keeps it on ``port``.
-    metrics_port: int
 
     @property
     def module(self) -> str:
@@ -40,29 +33,18 @@ class ServiceSpec:
 
 # Start order: dependencies first, the gateway last.
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("auth", "AUTH_", 8001, 9101),
-    ServiceSpec("feature", "FEATURE_", 8002, 9102),
-    ServiceSpec("retrieval", "RETRIEVAL_", 8003, 9103),
-    ServiceSpec("metadata", "METADATA_", 8004, 9104),
-    ServiceSpec("gateway", "GATEWAY_", 8000, 9100),
+    ServiceSpec("auth", "AUTH_", 8001),
+    ServiceSpec("feature", "FEATURE_", 8002),
+    ServiceSpec("retrieval", "RETRIEVAL_", 8003),
+    ServiceSpec("metadata", "METADATA_", 8004),
+    ServiceSpec("gateway", "GATEWAY_", 8000),
 )
 
 
-def new_client_secrets() -> dict[str, str]:
-    """A fresh client secret for each calling service."""
-    return {caller: secrets.token_urlsafe(32) for caller in CALLERS}
-
-
 def service_environment(
-    data_dir: Path,
-    ports: dict[str, int],
-    *,
-    model: str,
-    redis_url: str,
-    client_secrets: dict[str, str],
+    data_dir: Path, ports: dict[str, int], *, model: str, redis_url: str
 ) -> dict[str, str]:
-    """Environment for running every service as a local process under ``data_dir``, the
-    calling services authenticating with ``client_secrets``."""
+    """Environment for running every service as a local process under ``data_dir``."""
 
     def url(name: str) -> str:
         return f"http://127.0.0.1:{ports[name]}"
@@ -81,14 +63,6 @@ def service_environment(
         "RETRIEVAL_DATA_DIR": str(data_dir / "retrieval"),
         "METADATA_DATABASE_URL": f"sqlite:///{data_dir / 'metadata' / 'metadata.db'}",
         "METADATA_IMAGE_DIR": str(data_dir / "metadata" / "images"),
-        # The internal services verify their callers' tokens against auth's JWKS.
-        "FEATURE_AUTH_URL": url("auth"),
-        "RETRIEVAL_AUTH_URL": url("auth"),
-        "METADATA_AUTH_URL": url("auth"),
-        "GATEWAY_CLIENT_SECRET": client_secrets["gateway"],
-    }
-    env |= {
-        f"AUTH_{caller.upper()}_CLIENT_SECRET": secret for caller, secret in client_secrets.items()
     }
     if Path(model).exists():
         # A local model never needs the hub: fail fast on a missing file instead of timing out.
@@ -179,21 +153,11 @@ class LocalStack:
     ) -> None:
         self.data_dir = data_dir
         ports = ports or {spec.name: spec.port for spec in SERVICES}
-        self.client_secrets = new_client_secrets()
         env = {
             **os.environ,
-            **service_environment(
-                data_dir,
-                ports,
-                model=str(model),
-                redis_url=redis_url,
-                client_secrets=self.client_secrets,
-            ),
+            **service_environment(data_dir, ports, model=str(model), redis_url=redis_url),
         }
         env |= extra_env or {}
-        self.client_secrets = {
-            caller: env[f"AUTH_{caller.upper()}_CLIENT_SECRET"] for caller in CALLERS
-        }
         root = cwd or Path(__file__).resolve().parent.parent
         self.services = {
             spec.name: ServiceProcess(spec, env, data_dir / "logs" / f"{spec.name}.log", root)
@@ -202,19 +166,6 @@ class LocalStack:
 
     def url(self, name: str) -> str:
         return self.services[name].url
-
-    def service_headers(self, service: str, caller: str = "reconcile") -> dict[str, str]:
-        """Authorization headers with a service token for ``service`` from this stack's auth
-        service, as ``caller`` (by default the operator tools' client): what a tool that calls
-        an internal service directly sends."""
-        response = httpx.post(
-            f"{self.url('auth')}/token",
-            data={"grant_type": "client_credentials", "audience": audience(service)},
-            auth=(caller, self.client_secrets[caller]),
-            timeout=10.0,
-        )
-        response.raise_for_status()
-        return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
     def start(self, timeout: float = 180.0) -> None:
         for service in self.services.values():

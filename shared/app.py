@@ -1,22 +1,20 @@
 """The pieces every service's ``create_app()`` assembles: error handlers, request-id and metrics
-middleware, an access log line per request, ``/healthz``, ``/readyz`` and ``/metrics``; the
-service-token check of an internal service (``shared.service_auth``); a request body size limit
-a service can opt into; and ``serve()`` for ``python -m``."""
+middleware, an access log line per request, ``/healthz``, ``/readyz`` and ``/metrics``; a
+request body size limit a service can opt into; and ``serve()`` for ``python -m``."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from http import HTTPStatus
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,7 +27,6 @@ from shared.problems import (
     install_problem_handlers,
     problem_response,
 )
-from shared.service_auth import CallerVerifier, ServiceTokenMiddleware
 from shared.settings import ServiceSettings
 
 # A readiness check returns None when ready, or a short reason when not.
@@ -155,23 +152,6 @@ async def _send_problem(
     await send({"type": "http.response.body", "body": payload})
 
 
-def _verifying(
-    verifier: CallerVerifier, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]]
-) -> Callable[[FastAPI], AbstractAsyncContextManager[Any]]:
-    """``lifespan`` inside the verifier's start and close."""
-
-    @asynccontextmanager
-    async def both(app: FastAPI) -> AsyncIterator[Any]:
-        await verifier.start()
-        try:
-            async with lifespan(app) as state:
-                yield state
-        finally:
-            await verifier.aclose()
-
-    return both
-
-
 def build_app(
     service: str,
     *,
@@ -180,15 +160,9 @@ def build_app(
     version: str = "0.1.0",
     description: str = "",
     middleware: Sequence[Middleware] = (),
-    callers: CallerVerifier | None = None,
 ) -> FastAPI:
     """The service skeleton. ``middleware`` (outermost first) runs inside the request-id and
-    access-log middleware, so whatever it answers still carries a request id and is logged.
-    With ``callers`` (an internal service), every request but the open paths needs a service
-    token, checked before ``middleware``; the verifier starts and stops with the lifespan."""
-    if callers is not None:
-        lifespan = _verifying(callers, lifespan)
-        middleware = [Middleware(ServiceTokenMiddleware, verifier=callers), *middleware]
+    access-log middleware, so whatever it answers still carries a request id and is logged."""
     app = FastAPI(
         title=f"crossmodal-{service}",
         version=version,
@@ -249,7 +223,4 @@ def serve(
     Only the gateway has proxies in front (``trusted_proxies``); the internal services take
     their peer's address as it is."""
     configure_logging(service, settings.log_level)
-    if settings.metrics_port is not None:
-        # prometheus_client's server, on a thread of its own: every path answers the scrape.
-        start_http_server(settings.metrics_port, addr=settings.host)
     uvicorn.run(factory, factory=True, **uvicorn_options(settings, trusted_proxies=trusted_proxies))

@@ -39,33 +39,23 @@ class TokenIssuer:
         self.ttl_seconds = ttl_seconds
         self._clock = clock
 
-    def issue(
-        self,
-        subject: str,
-        scopes: Iterable[str],
-        *,
-        audience: str | None = None,
-        ttl_seconds: int | None = None,
-    ) -> IssuedToken:
-        """A token for the issuer's audience and lifetime, or for another audience (a service
-        token: shared/service_auth.py) and lifetime."""
+    def issue(self, subject: str, scopes: Iterable[str]) -> IssuedToken:
         # A callable is asked each time, so a rotated key signs from the next token on.
         ring = self._keys() if callable(self._keys) else self._keys
         key = ring.signing_key
         if key.private_key is None:  # KeyRing guarantees it; keeps the type checker honest
             raise RuntimeError("the signing key has no private key")
         now = int(self._clock())
-        ttl = self.ttl_seconds if ttl_seconds is None else ttl_seconds
         scope = format_scopes(scopes)
         jti = str(uuid.uuid4())
         claims = {
             "iss": self.issuer,
-            "aud": self.audience if audience is None else audience,
+            "aud": self.audience,
             "sub": subject,
             "scope": scope,
             "iat": now,
             "nbf": now,
-            "exp": now + ttl,
+            "exp": now + self.ttl_seconds,
             "jti": jti,
         }
         token = jwt.encode(
@@ -74,8 +64,8 @@ class TokenIssuer:
         return IssuedToken(
             subject=subject,
             access_token=token,
-            expires_in=ttl,
+            expires_in=self.ttl_seconds,
             scope=scope,
             jti=jti,
-            expires_at=now + ttl,
+            expires_at=now + self.ttl_seconds,
         )

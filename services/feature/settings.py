@@ -5,10 +5,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.service_auth import InternalServiceSettings
+from shared.settings import ServiceSettings
 
 
-class FeatureSettings(InternalServiceSettings):
+class FeatureSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="FEATURE_", extra="ignore", frozen=True, protected_namespaces=()
     )

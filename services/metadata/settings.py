@@ -7,10 +7,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.service_auth import InternalServiceSettings
+from shared.settings import ServiceSettings
 
 
-class MetadataSettings(InternalServiceSettings):
+class MetadataSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="METADATA_", extra="ignore", frozen=True)
 
     port: int = Field(8004, ge=1, le=65535)
