@@ -500,7 +500,9 @@ def run_services(
     wait_for_data_directory(data_dir / "retrieval", timeout=60)
     stack.start(timeout=args.ready_timeout)
     try:
-        info = httpx.get(f"{stack.url('feature')}/model", timeout=30).json()
+        info = httpx.get(
+            f"{stack.url('feature')}/model", headers=stack.service_headers("feature"), timeout=30
+        ).json()
         if info["model_id"] != model_id:
             raise SystemExit(f"feature reports {info['model_id']}, vectors carry {model_id}")
         pids = {name: s.process.pid for name, s in stack.services.items() if s.process}

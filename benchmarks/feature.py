@@ -286,19 +286,41 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m services.feature`` on a free loopback port, until ``stop()``."""
+    """``python -m services.feature`` on a free loopback port, until ``stop()``, beside the auth
+    service (development settings) whose service tokens it takes: the benchmark calls it as the
+    operator tools' ``reconcile`` client does."""
 
     def __init__(self, env: dict[str, str], log_path: Path, ready_timeout: float = 600) -> None:
+        self.auth_url = f"http://127.0.0.1:{free_port()}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = log_path.open("wb")
+        auth_dir = log_path.parent / f"{log_path.stem}-auth"
+        auth_env = {
+            **os.environ,
+            "AUTH_HOST": "127.0.0.1",
+            "AUTH_PORT": self.auth_url.rsplit(":", 1)[1],
+            "AUTH_DATABASE_URL": f"sqlite:///{auth_dir / 'auth.db'}",
+            "AUTH_PRIVATE_KEY_PATH": str(auth_dir / "signing-key.pem"),
+            # Tokens as long-lived as allowed: a phase never outlives one.
+            "AUTH_SERVICE_TOKEN_TTL_SECONDS": "3600",
+            "AUTH_LOG_LEVEL": "warning",
+        }
+        self.auth = subprocess.Popen(
+            [sys.executable, "-m", "services.auth"],
+            cwd=ROOT,
+            env=auth_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         full_env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "FEATURE_HOST": "127.0.0.1",
             "FEATURE_PORT": str(self.port),
+            "FEATURE_AUTH_URL": self.auth_url,
             "FEATURE_LOG_LEVEL": "warning",  # one access line per request would cost CPU
             **env,
         }
@@ -315,24 +337,42 @@ class Server:
         import httpx
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the feature service exited:\n{tail}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the feature service was not ready within {timeout}s")
+        for url, process in ((self.auth_url, self.auth), (self.url, self.process)):
+            while True:
+                if process.poll() is not None:
+                    self.stop()
+                    tail = self.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the feature or auth service exited:\n{tail}")
+                try:
+                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{url} was not ready within {timeout}s")
+                time.sleep(0.2)
+
+    def authorization(self) -> str:
+        """A fresh service token for the feature service, as an Authorization header value."""
+        import httpx
+
+        from shared.service_auth import DEVELOPMENT_CLIENT_SECRETS
+
+        response = httpx.post(
+            self.auth_url + "/token",
+            data={"grant_type": "client_credentials", "audience": "crossmodal:feature"},
+            auth=("reconcile", DEVELOPMENT_CLIENT_SECRETS["reconcile"]),
+            timeout=30,
+        )
+        response.raise_for_status()
+        return f"Bearer {response.json()['access_token']}"
 
     def model_info(self) -> dict[str, Any]:
         import httpx
 
-        return httpx.get(self.url + "/model", timeout=10).json()
+        headers = {"Authorization": self.authorization()}
+        return httpx.get(self.url + "/model", headers=headers, timeout=10).json()
 
     def batches(self, modality: str) -> tuple[float, float]:
         """(inputs, forward passes) so far, from the batch size histogram."""
@@ -357,13 +397,14 @@ class Server:
         return float(match.group(1)) if match else 0.0
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        for process in (self.process, self.auth):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         self._log.close()
 
 
@@ -373,7 +414,7 @@ class Server:
 _REQUEST_TIMEOUT_S = 300.0
 
 
-def _http_request(host: str, modality: str, batch: Sequence[Any]) -> bytes:
+def _http_request(host: str, modality: str, batch: Sequence[Any], authorization: str) -> bytes:
     """A complete HTTP/1.1 request for one batch, built once and sent as many times as needed."""
     if modality == "image":
         boundary = "bench7a1c9e"
@@ -391,7 +432,7 @@ def _http_request(host: str, modality: str, batch: Sequence[Any]) -> bytes:
         path, content_type = "/embed/text", "application/json"
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Authorization: {authorization}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
@@ -419,6 +460,7 @@ async def _load(
     start_at: float,
     seconds: float,
     offset: int,
+    authorization: str,
 ) -> tuple[list[float], int, int, float]:
     """Closed loop: ``clients`` coroutines, each on its own keep-alive connection, sending its
     next request when the previous one is answered, from ``start_at`` (wall clock) for
@@ -446,7 +488,7 @@ async def _load(
                 key = k % len(payloads)
                 if key not in requests:
                     batch = [payloads[(key + j) % len(payloads)] for j in range(per_request)]
-                    requests[key] = _http_request(f"{host}:{port}", modality, batch)
+                    requests[key] = _http_request(f"{host}:{port}", modality, batch, authorization)
                 k += per_request
                 t0 = time.perf_counter()
                 try:
@@ -487,17 +529,28 @@ def run_load(
     per_request: int,
     seconds: float,
     procs: int,
+    authorization: str,
 ) -> tuple[list[float], int, int, float]:
     procs = max(1, min(procs, clients))
     if procs == 1:
         return asyncio.run(
-            _load(url, modality, payloads, clients, per_request, time.time(), seconds, 0)
+            _load(
+                url,
+                modality,
+                payloads,
+                clients,
+                per_request,
+                time.time(),
+                seconds,
+                0,
+                authorization,
+            )
         )
     # Spread the clients over processes that start together (after their imports).
     start_at = time.time() + 3.0
     shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     jobs = [
-        (url, modality, payloads, share, per_request, start_at, seconds, 1000 * i)
+        (url, modality, payloads, share, per_request, start_at, seconds, 1000 * i, authorization)
         for i, share in enumerate(shares)
     ]
     with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
@@ -540,9 +593,15 @@ def bench_service(
         info = server.model_info()
         # The service computes what the tutorial computes (up to the runtime's precision).
         files = [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(photos[:4])]
-        got_images = httpx.post(server.url + "/embed/image", files=files, timeout=300).json()
+        headers = {"Authorization": server.authorization()}
+        got_images = httpx.post(
+            server.url + "/embed/image", files=files, headers=headers, timeout=300
+        ).json()
         got_texts = httpx.post(
-            server.url + "/embed/text", json={"texts": list(texts[:4])}, timeout=300
+            server.url + "/embed/text",
+            json={"texts": list(texts[:4])},
+            headers=headers,
+            timeout=300,
         ).json()
         cosines = [
             float(np.dot(a, b))
@@ -568,6 +627,7 @@ def bench_service(
                     per_request=per_request,
                     seconds=args.warmup,
                     procs=args.client_procs,
+                    authorization=server.authorization(),
                 )
                 before, waited = server.batches(modality), server.waited(modality)
                 latencies, done, errors, last = run_load(
@@ -578,6 +638,7 @@ def bench_service(
                     per_request=per_request,
                     seconds=args.seconds,
                     procs=args.client_procs,
+                    authorization=server.authorization(),
                 )
                 after = server.batches(modality)
                 passes = after[1] - before[1]

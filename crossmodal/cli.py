@@ -114,7 +114,7 @@ def seed_demo_collection(
     # Emoji drawn alike (a few flags, "person"/"man" pairs) become one item with both names.
     records = merge_identical_images(load_records(write_collection(collection_dir, emoji)))
     with httpx.Client(timeout=10.0) as http:
-        model = http.get(f"{stack.url('feature')}/model")
+        model = http.get(f"{stack.url('feature')}/model", headers=stack.service_headers("feature"))
         model.raise_for_status()
         model_id = model.json()["model_id"]
     gateway = stack.url("gateway")
@@ -167,6 +167,9 @@ Crossmodal Search is running: gateway on {gateway}
       -d password=demo-password | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -s {gateway}/search/text -H "Authorization: Bearer $TOKEN" \\
       -H 'Content-Type: application/json' -d '{{"query": "pizza", "top_k": 3}}'
+
+  operator tools (crossmodal reconcile) authenticate as this stack's reconcile client:
+  export CROSSMODAL_RECONCILE_CLIENT_SECRET={reconcile_secret}
 """
 
 
@@ -215,7 +218,12 @@ def run_stack(data_dir: Path, model: str | None, redis_url: str, no_demo: bool) 
                 f"demo collection '{DEMO_COLLECTION}': {added or 'already'} items indexed",
                 flush=True,
             )
-        print(BANNER.format(gateway=stack.url("gateway"), logs=data_dir / "logs"), flush=True)
+        banner = BANNER.format(
+            gateway=stack.url("gateway"),
+            logs=data_dir / "logs",
+            reconcile_secret=stack.client_secrets["reconcile"],
+        )
+        print(banner, flush=True)
         while True:
             for service in stack.services.values():
                 if service.process is not None and service.process.poll() is not None:
@@ -697,6 +705,14 @@ def reconcile(
             help="Re-embed with this feature service; without it, drifted items are marked failed.",
         ),
     ] = None,
+    auth_url: Annotated[
+        str,
+        typer.Option(
+            envvar="CROSSMODAL_AUTH_URL",
+            help="Where the service tokens come from (the secret: "
+            "CROSSMODAL_RECONCILE_CLIENT_SECRET).",
+        ),
+    ] = "http://127.0.0.1:8001",
     repair: Annotated[bool, typer.Option("--repair", help="Fix what the check finds.")] = False,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="With --repair: index failed items again.")
@@ -719,7 +735,10 @@ def reconcile(
 
     async def run() -> tuple[DriftReport, RepairReport | None]:
         async with Reconciler.connect(
-            metadata_url=metadata_url, retrieval_url=retrieval_url, feature_url=feature_url
+            metadata_url=metadata_url,
+            retrieval_url=retrieval_url,
+            feature_url=feature_url,
+            auth_url=auth_url,
         ) as reconciler:
             found = await reconciler.check(collection, stale_after=timedelta(seconds=stale_after))
             fixed = await reconciler.repair(found, retry_failed=retry_failed) if repair else None

@@ -1,7 +1,9 @@
 """``crossmodal reconcile``: find and repair drift between the metadata and retrieval services.
 
 An operator's tool: it talks to the internal services directly (metadata, retrieval, and the
-feature service to re-embed), not to the gateway. What can drift, and the repair:
+feature service to re-embed), not to the gateway, as the ``reconcile`` client with service
+tokens from the auth service (``CROSSMODAL_RECONCILE_CLIENT_SECRET``; docs/security.md). What
+can drift, and the repair:
 
 - ``missing``: an item is ``indexed`` but its image vector or a caption vector is absent from
   retrieval (e.g. a retrieval volume restored from an older snapshot). Re-embedded from the stored
@@ -40,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import httpx
 import numpy as np
 from prometheus_client import Counter, Gauge, start_http_server
 from pydantic import ValidationError
@@ -50,8 +53,13 @@ from shared.contracts.retrieval import DeleteRequest, RetrievalClient, UpsertReq
 from shared.contracts.vectors import encode_vectors
 from shared.http import ServiceClient
 from shared.problems import ProblemError
+from shared.service_auth import DEVELOPMENT_CLIENT_SECRETS
+from shared.service_tokens import ServiceTokens
 
 log = logging.getLogger(__name__)
+
+DEFAULT_AUTH_URL = "http://127.0.0.1:8001"
+SECRET_ENV = "CROSSMODAL_RECONCILE_CLIENT_SECRET"
 
 Modality = Literal["image", "text"]
 MODALITIES: tuple[Modality, ...] = ("image", "text")
@@ -242,18 +250,37 @@ class Reconciler:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, *, metadata_url: str, retrieval_url: str, feature_url: str | None = None
+        cls,
+        *,
+        metadata_url: str,
+        retrieval_url: str,
+        feature_url: str | None = None,
+        auth_url: str = DEFAULT_AUTH_URL,
     ) -> AsyncIterator[Reconciler]:
-        """A reconciler with its own clients, closed on exit."""
-        metadata = MetadataClient(service_client("metadata", metadata_url))
-        retrieval = RetrievalClient(service_client("retrieval", retrieval_url))
-        feature = FeatureClient(service_client("feature", feature_url)) if feature_url else None
+        """A reconciler with its own clients, closed on exit. It calls the services as the
+        ``reconcile`` client (shared/service_auth.py), with service tokens from ``auth_url``
+        and the secret in ``CROSSMODAL_RECONCILE_CLIENT_SECRET``."""
+        auth = service_client("auth", auth_url)
+        tokens = ServiceTokens(auth, "reconcile", client_secret())
+        metadata = MetadataClient(
+            service_client("metadata", metadata_url, tokens.credentials("metadata"))
+        )
+        retrieval = RetrievalClient(
+            service_client("retrieval", retrieval_url, tokens.credentials("retrieval"))
+        )
+        feature = (
+            FeatureClient(service_client("feature", feature_url, tokens.credentials("feature")))
+            if feature_url
+            else None
+        )
         try:
             yield cls(metadata, retrieval, feature)
         finally:
+            await tokens.aclose()
             for client in (metadata, retrieval, feature):
                 if client is not None:
                     await client.aclose()
+            await auth.aclose()
 
     # --- reading both sides ---------------------------------------------------------------
 
@@ -431,10 +458,19 @@ class Reconciler:
         )
 
 
-def service_client(name: str, base_url: str) -> ServiceClient:
+def service_client(
+    name: str, base_url: str, credentials: httpx.Auth | None = None
+) -> ServiceClient:
     """An operator tool's client: generous timeouts (a whole collection's ids in one answer),
     the usual retries, no circuit breaker."""
-    return ServiceClient(name, base_url, timeout=60.0, connect_timeout=5.0)
+    return ServiceClient(name, base_url, timeout=60.0, connect_timeout=5.0, credentials=credentials)
+
+
+def client_secret() -> str:
+    """The ``reconcile`` client's secret: ``CROSSMODAL_RECONCILE_CLIENT_SECRET`` (never an
+    option: a command line is visible to every user of the machine), else the development
+    default, which a production auth service refuses."""
+    return os.environ.get(SECRET_ENV) or DEVELOPMENT_CLIENT_SECRETS["reconcile"]
 
 
 @asynccontextmanager
@@ -480,6 +516,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metadata-url", default=env("CROSSMODAL_METADATA_URL", "http://127.0.0.1:8004")
     )
+    parser.add_argument("--auth-url", default=env("CROSSMODAL_AUTH_URL", DEFAULT_AUTH_URL))
     parser.add_argument(
         "--feature-url",
         default=env("CROSSMODAL_FEATURE_URL"),
@@ -519,6 +556,7 @@ async def _reconcile_all(args: argparse.Namespace) -> int:
         metadata_url=args.metadata_url,
         retrieval_url=args.retrieval_url,
         feature_url=args.feature_url,
+        auth_url=args.auth_url,
     ) as reconciler:
         names = args.collection or await reconciler.collections()
         for name in names:

@@ -1,12 +1,14 @@
 """The services of the stack and the command that starts each one.
 
 ``make run`` starts these commands as local processes; ``docker-compose.yml`` and the Kubernetes
-manifests run the same commands in containers (a test checks they agree).
+manifests run the same commands in containers (a test checks they agree). A local stack gets
+client secrets of its own for the calling services (shared/service_auth.py), new at each start.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from shared.service_auth import CALLERS, audience
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,21 @@ SERVICES: tuple[ServiceSpec, ...] = (
 )
 
 
+def new_client_secrets() -> dict[str, str]:
+    """A fresh client secret for each calling service."""
+    return {caller: secrets.token_urlsafe(32) for caller in CALLERS}
+
+
 def service_environment(
-    data_dir: Path, ports: dict[str, int], *, model: str, redis_url: str
+    data_dir: Path,
+    ports: dict[str, int],
+    *,
+    model: str,
+    redis_url: str,
+    client_secrets: dict[str, str],
 ) -> dict[str, str]:
-    """Environment for running every service as a local process under ``data_dir``."""
+    """Environment for running every service as a local process under ``data_dir``, the
+    calling services authenticating with ``client_secrets``."""
 
     def url(name: str) -> str:
         return f"http://127.0.0.1:{ports[name]}"
@@ -63,6 +78,14 @@ def service_environment(
         "RETRIEVAL_DATA_DIR": str(data_dir / "retrieval"),
         "METADATA_DATABASE_URL": f"sqlite:///{data_dir / 'metadata' / 'metadata.db'}",
         "METADATA_IMAGE_DIR": str(data_dir / "metadata" / "images"),
+        # The internal services verify their callers' tokens against auth's JWKS.
+        "FEATURE_AUTH_URL": url("auth"),
+        "RETRIEVAL_AUTH_URL": url("auth"),
+        "METADATA_AUTH_URL": url("auth"),
+        "GATEWAY_CLIENT_SECRET": client_secrets["gateway"],
+    }
+    env |= {
+        f"AUTH_{caller.upper()}_CLIENT_SECRET": secret for caller, secret in client_secrets.items()
     }
     if Path(model).exists():
         # A local model never needs the hub: fail fast on a missing file instead of timing out.
@@ -153,11 +176,21 @@ class LocalStack:
     ) -> None:
         self.data_dir = data_dir
         ports = ports or {spec.name: spec.port for spec in SERVICES}
+        self.client_secrets = new_client_secrets()
         env = {
             **os.environ,
-            **service_environment(data_dir, ports, model=str(model), redis_url=redis_url),
+            **service_environment(
+                data_dir,
+                ports,
+                model=str(model),
+                redis_url=redis_url,
+                client_secrets=self.client_secrets,
+            ),
         }
         env |= extra_env or {}
+        self.client_secrets = {
+            caller: env[f"AUTH_{caller.upper()}_CLIENT_SECRET"] for caller in CALLERS
+        }
         root = cwd or Path(__file__).resolve().parent.parent
         self.services = {
             spec.name: ServiceProcess(spec, env, data_dir / "logs" / f"{spec.name}.log", root)
@@ -166,6 +199,19 @@ class LocalStack:
 
     def url(self, name: str) -> str:
         return self.services[name].url
+
+    def service_headers(self, service: str, caller: str = "reconcile") -> dict[str, str]:
+        """Authorization headers with a service token for ``service`` from this stack's auth
+        service, as ``caller`` (by default the operator tools' client): what a tool that calls
+        an internal service directly sends."""
+        response = httpx.post(
+            f"{self.url('auth')}/token",
+            data={"grant_type": "client_credentials", "audience": audience(service)},
+            auth=(caller, self.client_secrets[caller]),
+            timeout=10.0,
+        )
+        response.raise_for_status()
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
     def start(self, timeout: float = 180.0) -> None:
         for service in self.services.values():

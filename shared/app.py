@@ -1,14 +1,15 @@
 """The pieces every service's ``create_app()`` assembles: error handlers, request-id and metrics
-middleware, an access log line per request, ``/healthz``, ``/readyz`` and ``/metrics``; a
-request body size limit a service can opt into; and ``serve()`` for ``python -m``."""
+middleware, an access log line per request, ``/healthz``, ``/readyz`` and ``/metrics``; the
+service-token check of an internal service (``shared.service_auth``); a request body size limit
+a service can opt into; and ``serve()`` for ``python -m``."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
@@ -27,6 +28,7 @@ from shared.problems import (
     install_problem_handlers,
     problem_response,
 )
+from shared.service_auth import CallerVerifier, ServiceTokenMiddleware
 from shared.settings import ServiceSettings
 
 # A readiness check returns None when ready, or a short reason when not.
@@ -152,6 +154,23 @@ async def _send_problem(
     await send({"type": "http.response.body", "body": payload})
 
 
+def _verifying(
+    verifier: CallerVerifier, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[Any]]:
+    """``lifespan`` inside the verifier's start and close."""
+
+    @asynccontextmanager
+    async def both(app: FastAPI) -> AsyncIterator[Any]:
+        await verifier.start()
+        try:
+            async with lifespan(app) as state:
+                yield state
+        finally:
+            await verifier.aclose()
+
+    return both
+
+
 def build_app(
     service: str,
     *,
@@ -160,9 +179,15 @@ def build_app(
     version: str = "0.1.0",
     description: str = "",
     middleware: Sequence[Middleware] = (),
+    callers: CallerVerifier | None = None,
 ) -> FastAPI:
     """The service skeleton. ``middleware`` (outermost first) runs inside the request-id and
-    access-log middleware, so whatever it answers still carries a request id and is logged."""
+    access-log middleware, so whatever it answers still carries a request id and is logged.
+    With ``callers`` (an internal service), every request but the open paths needs a service
+    token, checked before ``middleware``; the verifier starts and stops with the lifespan."""
+    if callers is not None:
+        lifespan = _verifying(callers, lifespan)
+        middleware = [Middleware(ServiceTokenMiddleware, verifier=callers), *middleware]
     app = FastAPI(
         title=f"crossmodal-{service}",
         version=version,

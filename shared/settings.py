@@ -3,14 +3,22 @@ environment prefix (``GATEWAY_``, ``AUTH_``, ``FEATURE_``, ``RETRIEVAL_``, ``MET
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Secrets a container runtime mounts as files named after their variable (docker compose
+# `secrets:`, e.g. /run/secrets/AUTH_GATEWAY_CLIENT_SECRET); the environment wins over them.
+SECRETS_DIR = Path("/run/secrets")
+
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+    # Only where the directory exists: pydantic-settings warns about a missing one.
+    model_config = SettingsConfigDict(
+        extra="ignore", frozen=True, secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None
+    )
 
     environment: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"

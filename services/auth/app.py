@@ -23,10 +23,11 @@ from services.auth import errors
 from services.auth.admin_api import admin_router
 from services.auth.errors import NO_STORE, TokenError
 from services.auth.metrics import TOKEN_FAILURES, TOKENS_ISSUED
-from services.auth.runtime import AuthRuntime, DatabaseRevocations, LocalKeySource
+from services.auth.runtime import AuthRuntime, DatabaseRevocations, LocalKeySource, OwnKeys
 from services.auth.runtime import get_runtime as _runtime
 from services.auth.scopes import parse_scope, unknown_scopes
 from services.auth.service import AuthService, TokenSet
+from services.auth.service_clients import ServiceClients
 from services.auth.settings import MAX_SECRET_LENGTH, AuthSettings
 from shared.app import build_app
 from shared.contracts.auth import RevocationEntry, RevocationFeed
@@ -38,6 +39,7 @@ from shared.oauth import (
     TOKEN_REQUEST_DOC,
 )
 from shared.problems import ProblemError
+from shared.service_auth import CallerVerifier, caller
 from shared.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,11 @@ async def _client_credentials_grant(
     else:
         client_id = _required(fields, "client_id", MAX_NAME_LENGTH)
         client_secret = _required(fields, "client_secret", MAX_SECRET_LENGTH)
+    if "audience" in fields:  # a calling service's token for an internal service
+        grant = runtime.service_clients.grant
+        requested = parse_scope(fields.get("scope"))
+        access = await runtime.run(grant, client_id, client_secret, fields["audience"], requested)
+        return TokenSet(access)
     requested = _requested_scopes(fields)
     return await runtime.run_hashing(
         runtime.service.client_credentials_grant, client_id, client_secret, requested
@@ -144,10 +151,12 @@ async def _refresh_grant(runtime: AuthRuntime, fields: dict[str, str]) -> TokenS
 
 def create_app(settings: AuthSettings | None = None) -> FastAPI:
     settings = settings or AuthSettings()
+    own_keys = OwnKeys()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await anyio.to_thread.run_sync(AuthService.open, settings)
+        own_keys.use(service.keys)
         app.state.auth = AuthRuntime(
             settings=settings,
             service=service,
@@ -157,6 +166,7 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
                 audience=settings.audience,
                 revocations=DatabaseRevocations(service),
             ),
+            service_clients=ServiceClients(settings, service.issuer),
             hash_limiter=anyio.CapacityLimiter(os.cpu_count() or 1),
         )
         log.info("auth ready; signing key %s", service.keys.ring().signing_key.kid)
@@ -164,6 +174,7 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
             yield
         finally:
             app.state.auth = None
+            own_keys.use(None)
             service.close()
 
     async def readiness(app: FastAPI) -> str | None:
@@ -179,6 +190,15 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
         readiness=readiness,
         description="Issues RS256 access tokens and rotating refresh tokens, publishes the JWKS "
         "and the revocation list, and administers principals and signing keys.",
+        # The revocation feed is for the gateways (a service token); the token endpoints and
+        # the JWKS are for everyone, the admin routes for an admin user's own token.
+        callers=CallerVerifier(
+            "auth",
+            issuer=settings.issuer,
+            keys=own_keys,
+            open_paths=("/token", "/revoke", "/.well-known/jwks.json"),
+            open_prefixes=("/admin/",),
+        ),
     )
 
     @app.post(
@@ -250,6 +270,7 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
     @app.get(
         "/revocations",
         summary="Revoked tokens still within their lifetime (polled by the gateways)",
+        dependencies=[caller("auth:revocations")],
     )
     async def revocations(
         request: Request,

@@ -39,23 +39,33 @@ class TokenIssuer:
         self.ttl_seconds = ttl_seconds
         self._clock = clock
 
-    def issue(self, subject: str, scopes: Iterable[str]) -> IssuedToken:
+    def issue(
+        self,
+        subject: str,
+        scopes: Iterable[str],
+        *,
+        audience: str | None = None,
+        ttl_seconds: int | None = None,
+    ) -> IssuedToken:
+        """A token for the issuer's audience and lifetime, or for another audience (a service
+        token: shared/service_auth.py) and lifetime."""
         # A callable is asked each time, so a rotated key signs from the next token on.
         ring = self._keys() if callable(self._keys) else self._keys
         key = ring.signing_key
         if key.private_key is None:  # KeyRing guarantees it; keeps the type checker honest
             raise RuntimeError("the signing key has no private key")
         now = int(self._clock())
+        ttl = self.ttl_seconds if ttl_seconds is None else ttl_seconds
         scope = format_scopes(scopes)
         jti = str(uuid.uuid4())
         claims = {
             "iss": self.issuer,
-            "aud": self.audience,
+            "aud": self.audience if audience is None else audience,
             "sub": subject,
             "scope": scope,
             "iat": now,
             "nbf": now,
-            "exp": now + self.ttl_seconds,
+            "exp": now + ttl,
             "jti": jti,
         }
         token = jwt.encode(
@@ -64,8 +74,8 @@ class TokenIssuer:
         return IssuedToken(
             subject=subject,
             access_token=token,
-            expires_in=self.ttl_seconds,
+            expires_in=ttl,
             scope=scope,
             jti=jti,
-            expires_at=now + self.ttl_seconds,
+            expires_at=now + ttl,
         )

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from services.auth.keystore import KeyStore
 from services.auth.service import AuthService
+from services.auth.service_clients import ServiceClients
 from services.auth.settings import AuthSettings
 from shared.problems import ServiceUnavailable
 from shared.tokens import Principal, TokenVerifier, parse_jwks, token_revoked
@@ -35,6 +36,22 @@ class LocalKeySource:
         return self._cache[1].get(kid)
 
 
+class OwnKeys:
+    """The service's own key ring as a ``shared.tokens.KeySource`` once the lifespan has loaded
+    it (``use``): what the service tokens of the revocation feed are checked against."""
+
+    def __init__(self) -> None:
+        self._source: LocalKeySource | None = None
+
+    def use(self, keys: KeyStore | None) -> None:
+        self._source = None if keys is None else LocalKeySource(keys)
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        if self._source is None:
+            raise ServiceUnavailable("the auth service is not started", code="not_ready")
+        return await self._source.key(kid)
+
+
 class DatabaseRevocations:
     """The revocation check of the auth service itself: straight from its database."""
 
@@ -53,6 +70,8 @@ class AuthRuntime:
     settings: AuthSettings
     service: AuthService
     verifier: TokenVerifier
+    # The calling services' client-credentials grant (service tokens).
+    service_clients: ServiceClients
     # argon2 is CPU- and memory-heavy: bound the hashes running at once so a burst of logins
     # queues instead of exhausting memory (64 MiB each by default) or every core.
     hash_limiter: anyio.CapacityLimiter

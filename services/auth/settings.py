@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 from services.auth.scopes import KNOWN_SCOPES, format_scopes, unknown_scopes
 from shared.contracts.auth import MAX_SECRET_LENGTH, NAME_PATTERN
 from shared.lockout import LoginBackoff
+from shared.service_auth import CALLERS, DEVELOPMENT_CLIENT_SECRETS, check_client_secret
 from shared.settings import ServiceSettings
 
 DEFAULT_DEV_PASSWORD = "demo-password"
@@ -102,6 +103,12 @@ class AuthSettings(ServiceSettings):
     # The default (the "demo" user) is refused in production: set real users, or [] for none.
     bootstrap_users: tuple[BootstrapUser, ...] = Field(default_factory=_default_users)
     bootstrap_clients: tuple[BootstrapClient, ...] = ()
+    # The client secrets of the calling services (shared/service_auth.py, CALLERS), which get
+    # service tokens for the internal services; production refuses the development defaults.
+    gateway_client_secret: SecretStr = SecretStr(DEVELOPMENT_CLIENT_SECRETS["gateway"])
+    reconcile_client_secret: SecretStr = SecretStr(DEVELOPMENT_CLIENT_SECRETS["reconcile"])
+    # A service token's lifetime; its holder refreshes it at three quarters of it.
+    service_token_ttl_seconds: int = Field(300, ge=30, le=3600)
     # argon2id cost; the defaults are argon2-cffi's (RFC 9106 "low memory" profile). Tests lower them.
     argon2_time_cost: int = Field(3, ge=1, le=20)
     argon2_memory_kib: int = Field(65536, ge=64, le=4 * 1024 * 1024)
@@ -127,9 +134,28 @@ class AuthSettings(ServiceSettings):
                 "AUTH_KEY_RETENTION_SECONDS must be at least AUTH_ACCESS_TOKEN_TTL_SECONDS, or "
                 "tokens signed by a retired key would stop verifying before they expire"
             )
+        refused = [
+            why
+            for caller, secret in self.client_secrets().items()
+            if (
+                why := check_client_secret(
+                    caller, secret.get_secret_value(), production=self.is_production
+                )
+            )
+        ]
+        if refused:
+            raise ValueError(
+                "refusing to start: "
+                + "; ".join(refused)
+                + " (set AUTH_GATEWAY_CLIENT_SECRET and AUTH_RECONCILE_CLIENT_SECRET)"
+            )
         if self.is_production:
             self._check_production()
         return self
+
+    def client_secrets(self) -> dict[str, SecretStr]:
+        """Each calling service's client secret, by client id."""
+        return {caller: getattr(self, f"{caller}_client_secret") for caller in CALLERS}
 
     @property
     def effective_key_retention_seconds(self) -> int:

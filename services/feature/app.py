@@ -34,6 +34,8 @@ from shared.contracts.feature import (
 )
 from shared.contracts.vectors import VectorEncoding
 from shared.problems import ProblemError, ServiceUnavailable, Unprocessable
+from shared.service_auth import CallerVerifier, caller
+from shared.tokens import KeySource
 
 _READ_CHUNK = 1024 * 1024
 
@@ -105,10 +107,14 @@ def _count_errors(app: FastAPI) -> None:
 
 
 def create_app(
-    settings: FeatureSettings | None = None, *, embedder: Embedder | None = None
+    settings: FeatureSettings | None = None,
+    *,
+    embedder: Embedder | None = None,
+    token_keys: KeySource | None = None,
 ) -> FastAPI:
     """The feature service. ``embedder`` injects an already loaded model (tests share one);
-    without it the lifespan loads ``settings.model`` before the app serves requests."""
+    without it the lifespan loads ``settings.model`` before the app serves requests.
+    ``token_keys`` verify the callers' service tokens instead of auth's JWKS."""
     settings = settings or FeatureSettings()
 
     @asynccontextmanager
@@ -154,10 +160,16 @@ def create_app(
         lifespan=lifespan,
         readiness=readiness,
         description="CLIP inference: texts and images to L2-normalised float32 vectors.",
+        callers=CallerVerifier.for_settings("feature", settings, keys=token_keys),
     )
     _count_errors(app)
 
-    @app.post("/embed/text", response_model=TextEmbeddings, response_model_exclude_none=True)
+    @app.post(
+        "/embed/text",
+        response_model=TextEmbeddings,
+        response_model_exclude_none=True,
+        dependencies=[caller("feature:embed")],
+    )
     async def embed_text(state: State, body: TextEmbeddingRequest) -> TextEmbeddings:
         service = state.ready_service()
         if len(body.texts) > settings.max_texts:
@@ -189,7 +201,12 @@ def create_app(
             service.embedder.model_id, result.vectors, body.encoding, truncated=result.truncated
         )
 
-    @app.post("/embed/image", response_model=ImageEmbeddings, response_model_exclude_none=True)
+    @app.post(
+        "/embed/image",
+        response_model=ImageEmbeddings,
+        response_model_exclude_none=True,
+        dependencies=[caller("feature:embed")],
+    )
     async def embed_image(
         state: State,
         images: Annotated[list[UploadFile], File(description="one or more image files")],
@@ -212,7 +229,7 @@ def create_app(
             raise _overloaded(exc) from None
         return ImageEmbeddings.of(service.embedder.model_id, vectors, encoding)
 
-    @app.get("/model", response_model=ModelInfo)
+    @app.get("/model", response_model=ModelInfo, dependencies=[caller("feature:embed")])
     async def model_info(state: State) -> ModelInfo:
         model = state.ready_service().embedder
         return ModelInfo(

@@ -5,10 +5,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.service_auth import InternalServiceSettings
 
 
-class FeatureSettings(ServiceSettings):
+class FeatureSettings(InternalServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="FEATURE_", extra="ignore", frozen=True, protected_namespaces=()
     )

@@ -69,6 +69,7 @@ from shared.http import CircuitBreaker, ServiceClient, request_deadline
 from shared.images import served_image
 from shared.oauth import REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
 from shared.problems import ProblemError
+from shared.service_tokens import ServiceTokens
 from shared.tokens import JwksKeySource, Principal, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -139,14 +140,20 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = settings.upstream_timeout_seconds
+        auth_breaker = breaker("auth")
+        # Plain: the token endpoints and admin routes carry the caller's own credentials, and
+        # the gateway's service tokens are fetched through it.
+        auth = ServiceClient("auth", settings.auth_url, timeout=timeout, breaker=auth_breaker)
+        tokens = ServiceTokens(auth, "gateway", settings.client_secret.get_secret_value())
         backends = Backends(
-            auth=ServiceClient("auth", settings.auth_url, timeout=timeout, breaker=breaker("auth")),
+            auth=auth,
             feature=FeatureClient(
                 ServiceClient(
                     "feature",
                     settings.feature_url,
                     timeout=settings.feature_timeout_seconds,
                     breaker=breaker("feature"),
+                    credentials=tokens.credentials("feature"),
                 )
             ),
             retrieval=RetrievalClient(
@@ -155,13 +162,26 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
                     settings.retrieval_url,
                     timeout=timeout,
                     breaker=breaker("retrieval"),
+                    credentials=tokens.credentials("retrieval"),
                 )
             ),
             metadata=MetadataClient(
                 ServiceClient(
-                    "metadata", settings.metadata_url, timeout=timeout, breaker=breaker("metadata")
+                    "metadata",
+                    settings.metadata_url,
+                    timeout=timeout,
+                    breaker=breaker("metadata"),
+                    credentials=tokens.credentials("metadata"),
                 )
             ),
+        )
+        # The revocation feed takes the gateway's service token for auth.
+        feed = ServiceClient(
+            "auth",
+            settings.auth_url,
+            timeout=timeout,
+            breaker=auth_breaker,
+            credentials=tokens.credentials("auth"),
         )
         # One failure is enough to stop using Redis for a moment: every search touches it
         # several times, and a hanging Redis must not eat the search's budget.
@@ -172,7 +192,7 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
             ),
         )
         revocations = RevocationList(
-            AuthClient(backends.auth),
+            AuthClient(feed),
             poll_seconds=settings.revocation_poll_seconds,
             max_staleness=settings.revocation_max_staleness_seconds,
             fail_open_reads=settings.fail_open_reads,
@@ -234,6 +254,8 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
             await models.aclose()
+            await tokens.aclose()
+            await feed.aclose()
             await backends.aclose()
             await redis.aclose()
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.lockout import LoginBackoff
+from shared.service_auth import DEVELOPMENT_CLIENT_SECRETS, check_client_secret
 from shared.settings import ServiceSettings
 
 SCOPES: dict[str, str] = {
@@ -80,6 +81,10 @@ class GatewaySettings(ServiceSettings):
     breaker_failure_threshold: int = Field(5, ge=1, le=1000)
     breaker_reset_seconds: float = Field(5.0, gt=0, le=600)
     redis_retry_seconds: float = Field(2.0, gt=0, le=600)
+
+    # The gateway's own client secret (client id "gateway"), for its service tokens to the
+    # internal services (shared/service_tokens.py); production refuses the development default.
+    client_secret: SecretStr = SecretStr(DEVELOPMENT_CLIENT_SECRETS["gateway"])
 
     jwt_issuer: str = "crossmodal-auth"
     jwt_audience: str = "crossmodal-gateway"
@@ -176,6 +181,11 @@ class GatewaySettings(ServiceSettings):
     def _check(self) -> Self:
         if self.cors_allow_credentials and "*" in self.cors_allow_origins:
             raise ValueError("CORS credentials cannot be allowed for every origin ('*')")
+        refused = check_client_secret(
+            "gateway", self.client_secret.get_secret_value(), production=self.is_production
+        )
+        if refused:
+            raise ValueError(f"refusing to start: {refused} (GATEWAY_CLIENT_SECRET)")
         return self
 
     @property

@@ -44,6 +44,8 @@ from shared.contracts.metadata import (
 )
 from shared.images import served_image
 from shared.problems import PayloadTooLarge
+from shared.service_auth import CallerVerifier, caller
+from shared.tokens import KeySource
 
 # Room for the form fields around the image (captions, attributes, multipart framing).
 _FORM_OVERHEAD = 1024 * 1024
@@ -85,6 +87,7 @@ router = APIRouter()
 @uploads.post(
     "/items",
     status_code=201,
+    dependencies=[caller("metadata:write")],
     responses={409: {"description": "duplicate_item or duplicate_pending (docs/metadata.md)"}},
 )
 def create_item(
@@ -103,12 +106,14 @@ def create_item(
     )
 
 
-@router.get("/items/{item_id}")
+@router.get("/items/{item_id}", dependencies=[caller("metadata:read")])
 def get_item(repo: Repo, item_id: int) -> ItemOut:
     return repo.get_item(item_id)
 
 
-@router.get("/items/{item_id}/image", response_class=Response)
+@router.get(
+    "/items/{item_id}/image", response_class=Response, dependencies=[caller("metadata:read")]
+)
 def get_item_image(
     repo: Repo,
     item_id: int,
@@ -131,53 +136,62 @@ def get_item_image(
     return FileResponse(stored.path, media_type=served.media_type, headers=headers)
 
 
-@router.patch("/items/{item_id}")
+@router.patch("/items/{item_id}", dependencies=[caller("metadata:write")])
 def update_item(repo: Repo, item_id: int, body: StatusUpdate) -> ItemOut:
     return repo.set_status(item_id, body.status, model_id=body.model_id, error=body.error)
 
 
-@router.delete("/items/{item_id}", status_code=204, response_class=Response)
+@router.delete(
+    "/items/{item_id}",
+    status_code=204,
+    response_class=Response,
+    dependencies=[caller("metadata:write")],
+)
 def delete_item(repo: Repo, item_id: int) -> Response:
     repo.delete_item(item_id)
     return Response(status_code=204)
 
 
-@router.post("/items/lookup")
+@router.post("/items/lookup", dependencies=[caller("metadata:read")])
 def lookup_items(repo: Repo, body: IdsRequest) -> ItemsOut:
     return ItemsOut(items=repo.lookup_items(body.ids))
 
 
-@router.post("/captions/lookup")
+@router.post("/captions/lookup", dependencies=[caller("metadata:read")])
 def lookup_captions(repo: Repo, body: IdsRequest) -> CaptionsOut:
     return CaptionsOut(captions=repo.lookup_captions(body.ids))
 
 
-@router.post("/collections", status_code=201)
+@router.post("/collections", status_code=201, dependencies=[caller("metadata:write")])
 def create_collection(repo: Repo, body: CollectionCreate) -> CollectionOut:
     return repo.create_collection(body)
 
 
-@router.get("/collections")
+@router.get("/collections", dependencies=[caller("metadata:read")])
 def list_collections(repo: Repo) -> CollectionsOut:
     return CollectionsOut(collections=repo.list_collections())
 
 
-@router.get("/collections/{collection}")
+@router.get("/collections/{collection}", dependencies=[caller("metadata:read")])
 def get_collection(repo: Repo, collection: str) -> CollectionOut:
     return repo.get_collection(collection)
 
 
-@router.delete("/collections/{collection}")
+@router.delete("/collections/{collection}", dependencies=[caller("metadata:write")])
 def delete_collection(repo: Repo, collection: str) -> CollectionDeleted:
     return repo.delete_collection(collection)
 
 
-@router.post("/collections/{collection}/filter")
+@router.post("/collections/{collection}/filter", dependencies=[caller("metadata:read")])
 def filter_collection(repo: Repo, collection: str, body: FilterRequest) -> FilterOut:
     return repo.filter_items(collection, body.filters, body.target)
 
 
-@router.post("/collections/{collection}/hits", response_model=HitsOut)
+@router.post(
+    "/collections/{collection}/hits",
+    response_model=HitsOut,
+    dependencies=[caller("metadata:read")],
+)
 async def hits(repo: Repo, collection: str, body: HitsRequest) -> Response:
     # On every uncached search: the repository writes the HitsOut JSON itself, in one thread
     # hop (a sync route takes a second one to validate and serialise its answer).
@@ -185,7 +199,7 @@ async def hits(repo: Repo, collection: str, body: HitsRequest) -> Response:
     return Response(answer, media_type="application/json")
 
 
-@router.post("/collections/{collection}/keyword-search")
+@router.post("/collections/{collection}/keyword-search", dependencies=[caller("metadata:read")])
 def keyword_search(repo: Repo, collection: str, body: KeywordSearchRequest) -> KeywordSearchOut:
     hits = repo.keyword_search(
         collection, body.query, top_k=body.top_k, target=body.target, raw_filters=body.filters
@@ -193,7 +207,7 @@ def keyword_search(repo: Repo, collection: str, body: KeywordSearchRequest) -> K
     return KeywordSearchOut(target=body.target, results=hits)
 
 
-@router.get("/collections/{collection}/items")
+@router.get("/collections/{collection}/items", dependencies=[caller("metadata:read")])
 def list_item_states(
     repo: Repo,
     collection: str,
@@ -207,12 +221,15 @@ def list_item_states(
     )
 
 
-@router.post("/collections/{collection}/hashes")
+@router.post("/collections/{collection}/hashes", dependencies=[caller("metadata:read")])
 def find_hashes(repo: Repo, collection: str, body: HashesRequest) -> HashesOut:
     return HashesOut(items=repo.find_hashes(collection, body.sha256))
 
 
-def create_app(settings: MetadataSettings | None = None) -> FastAPI:
+def create_app(
+    settings: MetadataSettings | None = None, *, token_keys: KeySource | None = None
+) -> FastAPI:
+    """The app; ``token_keys`` verify the callers' service tokens instead of auth's JWKS."""
     settings = settings or MetadataSettings()
 
     @asynccontextmanager
@@ -242,6 +259,7 @@ def create_app(settings: MetadataSettings | None = None) -> FastAPI:
         readiness=readiness,
         description="Collections, items, captions, tags and their images; filters and keyword "
         "search.",
+        callers=CallerVerifier.for_settings("metadata", settings, keys=token_keys),
     )
     app.state.settings = settings
     app.include_router(uploads)

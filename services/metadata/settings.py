@@ -7,10 +7,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.service_auth import InternalServiceSettings
 
 
-class MetadataSettings(ServiceSettings):
+class MetadataSettings(InternalServiceSettings):
     model_config = SettingsConfigDict(env_prefix="METADATA_", extra="ignore", frozen=True)
 
     port: int = Field(8004, ge=1, le=65535)

@@ -50,6 +50,8 @@ from shared.contracts.retrieval import (
 )
 from shared.contracts.vectors import VectorDecodeError, decode_vectors
 from shared.problems import PayloadTooLarge, ServiceUnavailable, Unprocessable
+from shared.service_auth import CallerVerifier, caller
+from shared.tokens import KeySource
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,10 @@ def _snapshot(collection: Collection, *, wait: bool) -> None:
     _observe(collection)
 
 
-def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
+def create_app(
+    settings: RetrievalSettings | None = None, *, token_keys: KeySource | None = None
+) -> FastAPI:
+    """The app; ``token_keys`` verify the callers' service tokens instead of auth's JWKS."""
     settings = settings or RetrievalSettings()
     threads = settings.faiss_threads
 
@@ -198,6 +203,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         readiness=readiness,
         description="Image and text vectors per collection, searched with Faiss.",
+        callers=CallerVerifier.for_settings("retrieval", settings, keys=token_keys),
     )
 
     searches = SearchRunner()
@@ -214,7 +220,11 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         if collection.snapshot_due:
             background.add_task(_snapshot, collection, wait=False)
 
-    @app.put("/collections/{collection}", response_model=CollectionInfo)
+    @app.put(
+        "/collections/{collection}",
+        response_model=CollectionInfo,
+        dependencies=[caller("retrieval:write")],
+    )
     async def put_collection(
         collection: CollectionName, body: CollectionSettings, store: StoreDep, response: Response
     ) -> CollectionInfo:
@@ -238,6 +248,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
     @app.post(
         "/collections/{collection}/upsert",
         response_model=UpsertResponse,
+        dependencies=[caller("retrieval:write")],
         openapi_extra=_json_request_body(UpsertRequest),
     )
     async def upsert(
@@ -262,7 +273,11 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         schedule_snapshot(background, target)
         return UpsertResponse(upserted=len(body.ids), count=count)
 
-    @app.post("/collections/{collection}/delete", response_model=DeleteResponse)
+    @app.post(
+        "/collections/{collection}/delete",
+        response_model=DeleteResponse,
+        dependencies=[caller("retrieval:write")],
+    )
     async def delete(
         collection: CollectionName,
         body: DeleteRequest,
@@ -285,6 +300,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
     @app.post(
         "/collections/{collection}/search",
         response_model=SearchResponse,
+        dependencies=[caller("retrieval:search")],
         openapi_extra=_json_request_body(SearchRequest),
     )
     async def search(
@@ -332,6 +348,7 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
     @app.get(
         "/collections/{collection}/ids",
         response_model=IdPage,
+        dependencies=[caller("retrieval:read")],
         responses={200: {"content": {BINARY_IDS: {}}}},
     )
     async def list_ids(
@@ -363,12 +380,16 @@ def create_app(settings: RetrievalSettings | None = None) -> FastAPI:
         more = start + limit < len(ids)
         return IdPage(ids=page.tolist(), next_after=int(page[-1]) if more and len(page) else None)
 
-    @app.get("/collections", response_model=CollectionList)
+    @app.get("/collections", response_model=CollectionList, dependencies=[caller("retrieval:read")])
     async def list_collections(store: StoreDep) -> CollectionList:
         infos = await run_in_threadpool(lambda: [c.info() for c in store.collections()])
         return CollectionList.model_validate({"collections": infos})
 
-    @app.get("/collections/{collection}", response_model=CollectionInfo)
+    @app.get(
+        "/collections/{collection}",
+        response_model=CollectionInfo,
+        dependencies=[caller("retrieval:read")],
+    )
     async def get_collection(collection: CollectionName, store: StoreDep) -> CollectionInfo:
         target = store.get(collection)
         return CollectionInfo.model_validate(await run_in_threadpool(target.info))

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import ByteSize, Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.service_auth import InternalServiceSettings
 
 
 def _half_of_memory() -> int:
@@ -27,7 +27,7 @@ def _half_of_memory() -> int:
     return total // 2
 
 
-class RetrievalSettings(ServiceSettings):
+class RetrievalSettings(InternalServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RETRIEVAL_")
 
     port: int = Field(8003, ge=1, le=65535)

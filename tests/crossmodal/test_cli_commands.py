@@ -21,6 +21,7 @@ from crossmodal.client import GatewayClient, Token, TokenStore
 from services.metadata.app import create_app
 from services.metadata.settings import MetadataSettings
 from tests.crossmodal.test_ingest_pipeline import FakeGateway, png
+from tests.service_tokens import KEYS, service_headers
 
 GATEWAY = "http://gateway.test"
 
@@ -222,7 +223,9 @@ def metadata_gateway(
     settings = MetadataSettings(
         database_url=f"sqlite:///{tmp_path / 'meta.db'}", image_dir=tmp_path / "stored"
     )
-    with TestClient(create_app(settings)) as metadata:
+    with TestClient(
+        create_app(settings, token_keys=KEYS), headers=service_headers("metadata")
+    ) as metadata:
         gateway = FakeGateway(metadata)
         use_gateway(monkeypatch, gateway)
         yield gateway

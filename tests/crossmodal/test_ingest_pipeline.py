@@ -24,6 +24,7 @@ from crossmodal.ingest import IngestOptions, Ingestor, IngestRecord, Journal, Jo
 from crossmodal.ingest.journal import Entry
 from services.metadata.app import create_app
 from services.metadata.settings import MetadataSettings
+from tests.service_tokens import KEYS, service_headers
 
 COLLECTION = "bulk"
 
@@ -80,7 +81,9 @@ def metadata(tmp_path: Path) -> Iterator[TestClient]:
     settings = MetadataSettings(
         database_url=f"sqlite:///{tmp_path / 'meta.db'}", image_dir=tmp_path / "stored"
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(
+        create_app(settings, token_keys=KEYS), headers=service_headers("metadata")
+    ) as client:
         yield client
 
 

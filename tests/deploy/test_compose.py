@@ -112,6 +112,34 @@ def test_service_env_uses_its_prefix_and_port(compose: dict[str, Any], spec) -> 
         assert env.get(key) == value, key
 
 
+@pytest.mark.parametrize("spec", [s for s in SERVICES if s.name not in ("auth", "gateway")])
+def test_internal_services_verify_their_callers_with_auth(compose: dict[str, Any], spec) -> None:
+    env = _env(compose["services"][spec.name])
+    assert env[f"{spec.env_prefix}AUTH_URL"] == "http://auth:8001"
+
+
+def test_client_secrets_come_from_compose_secrets(compose: dict[str, Any]) -> None:
+    declared = compose["secrets"]
+    mounted = {
+        name: {(s["source"], s["target"]) for s in compose["services"][name]["secrets"]}
+        for name in ("auth", "gateway")
+    }
+    assert mounted == {
+        "auth": {
+            ("gateway_client_secret", "AUTH_GATEWAY_CLIENT_SECRET"),
+            ("reconcile_client_secret", "AUTH_RECONCILE_CLIENT_SECRET"),
+        },
+        "gateway": {("gateway_client_secret", "GATEWAY_CLIENT_SECRET")},
+    }
+    # Read from the environment of `docker compose up`, never written in the file.
+    assert {name: secret["environment"] for name, secret in declared.items()} == {
+        "gateway_client_secret": "CROSSMODAL_GATEWAY_CLIENT_SECRET",
+        "reconcile_client_secret": "CROSSMODAL_RECONCILE_CLIENT_SECRET",
+    }
+    for spec in SERVICES:
+        assert not any("SECRET" in key for key in _env(compose["services"][spec.name]))
+
+
 def test_gateway_urls_point_at_the_stack(compose: dict[str, Any]) -> None:
     env = _env(compose["services"]["gateway"])
     for spec in SERVICES:

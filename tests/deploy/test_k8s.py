@@ -22,6 +22,7 @@ OPTIONAL = {
     "ingress.yaml",
     "auth-signing-key.secret.example.yaml",
     "auth-bootstrap.secret.example.yaml",
+    "service-clients.secret.example.yaml",
 }
 # The oldest Kubernetes minor these manifests promise to work on.
 KUBERNETES_VERSION = "1.30"
@@ -193,6 +194,9 @@ def test_settings() -> None:
     assert data["METADATA_DATABASE_URL"] == "sqlite:////data/metadata/metadata.db"
     assert data["METADATA_IMAGE_DIR"] == "/data/metadata/images"
     assert data["AUTH_DATABASE_URL"] == "sqlite:////data/auth/auth.db"
+    for spec in SERVICES:
+        if spec.name not in ("auth", "gateway"):  # they verify their callers against the JWKS
+            assert data[f"{spec.env_prefix}AUTH_URL"] == "http://auth:8001"
     # HOST/PORT belong to each container, next to its containerPort.
     assert not {key for key in data if key.endswith(("_HOST", "_PORT"))}
 
@@ -254,30 +258,77 @@ def test_namespace_denies_ingress_by_default() -> None:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "gateway"] + ["redis"])
-def test_only_the_gateway_reaches_internal_pods(name: str) -> None:
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+# The pods that call each internal one: the gateway, and auth's JWKS for the services that
+# verify their callers' tokens.
+CALLED_BY = {
+    "auth": {"gateway", "feature", "retrieval", "metadata"},
+    "feature": {"gateway"},
+    "retrieval": {"gateway"},
+    "metadata": {"gateway"},
+    "redis": {"gateway"},
+}
+
+
+def _rules(name: str) -> list[dict[str, Any]]:
     labels = _workload(name)["spec"]["template"]["metadata"]["labels"]
-    rules = [
+    return [
         rule
         for policy in _policies()
         if _selects(policy, labels)
         for rule in policy["spec"].get("ingress", [])
     ]
+
+
+def _pod_names(peer: dict[str, Any]) -> set[str]:
+    selector = peer["podSelector"]
+    names = set(selector.get("matchLabels", {}).values())
+    for expression in selector.get("matchExpressions", []):
+        assert expression["key"] == "app.kubernetes.io/name" and expression["operator"] == "In"
+        names |= set(expression["values"])
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(CALLED_BY))
+def test_only_their_callers_reach_internal_pods(name: str) -> None:
+    rules = _rules(name)
     assert rules, f"no ingress rule lets anything reach {name}"
     for rule in rules:
         peers = rule.get("from")
         assert peers, f"{name}: a rule without 'from' admits every source"
         for peer in peers:
-            if "podSelector" in peer and "namespaceSelector" not in peer:
-                assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "gateway"}}
-            else:
+            if peer == MONITORING:
                 # Only Prometheus' namespace, for /metrics.
-                assert peer == {
-                    "namespaceSelector": {
-                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
-                    }
-                }, (name, peer)
                 assert name != "redis"
+            else:
+                assert set(peer) == {"podSelector"}, (name, peer)  # this namespace only
+                assert _pod_names(peer) <= CALLED_BY[name], (name, peer)
+
+
+@pytest.mark.parametrize(
+    ("name", "variables"),
+    [
+        ("auth", {"AUTH_GATEWAY_CLIENT_SECRET": "gateway", "AUTH_RECONCILE_CLIENT_SECRET": "reconcile"}),
+        ("gateway", {"GATEWAY_CLIENT_SECRET": "gateway"}),
+    ],
+)  # fmt: skip
+def test_client_secrets_come_from_a_secret_that_is_not_committed(
+    name: str, variables: dict[str, str]
+) -> None:
+    example = _load(K8S / "service-clients.secret.example.yaml")[0]
+    (container,) = _workload(name)["spec"]["template"]["spec"]["containers"]
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs == {
+        variable: {"name": example["metadata"]["name"], "key": key}
+        for variable, key in variables.items()
+    }
+    assert set(example["stringData"]) == {"gateway", "reconcile"}
+    data = _find("ConfigMap", "crossmodal-config")["data"]
+    assert not {key for key in data if "SECRET" in key}
 
 
 def test_the_gateway_is_the_only_exposed_service() -> None:

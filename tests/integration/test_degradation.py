@@ -442,14 +442,18 @@ def test_retrieval_service_down_is_a_503_then_recovery(
     finally:
         dstack.services["retrieval"].start()
         dstack.services["retrieval"].wait_ready(120)
+    metadata = dstack.service_headers("metadata")
     known = httpx.post(
         f"{dstack.url('metadata')}/collections/{COLLECTION}/hashes",
         json={"sha256": [digest]},
+        headers=metadata,
         timeout=10,
     ).json()
     (match,) = known["items"]
     item_id = match["id"]
-    failed = httpx.get(f"{dstack.url('metadata')}/items/{item_id}", timeout=10).json()
+    failed = httpx.get(
+        f"{dstack.url('metadata')}/items/{item_id}", headers=metadata, timeout=10
+    ).json()
     assert failed["status"] == "failed"
     assert "retrieval_unavailable" in failed["error"]
 

@@ -98,7 +98,11 @@ def test_a_demo_collection_of_another_model_is_indexed_again(
     assert len(few) == 5
     assert seed_demo_collection(emoji_stack, tmp_path, few, quiet=True) == 4
     described = emoji_gateway.get(f"/collections/{DEMO_COLLECTION}", headers=emoji_auth).json()
-    model_id = httpx.get(f"{emoji_stack.url('feature')}/model", timeout=10).json()["model_id"]
+    model_id = httpx.get(
+        f"{emoji_stack.url('feature')}/model",
+        headers=emoji_stack.service_headers("feature"),
+        timeout=10,
+    ).json()["model_id"]
     assert described["model_id"] == model_id
     assert described["items"] == 4
     assert seed_demo_collection(emoji_stack, tmp_path, few, quiet=True) == 0

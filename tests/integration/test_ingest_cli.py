@@ -34,8 +34,8 @@ def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {}
 
 
-def crossmodal(*args: str) -> Any:
-    result = runner.invoke(app, list(args))
+def crossmodal(*args: str, env: dict[str, str] | None = None) -> Any:
+    result = runner.invoke(app, list(args), env=env)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
@@ -55,7 +55,11 @@ def login(stack: LocalStack) -> None:
 
 
 def metadata_items(stack: LocalStack, collection: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{stack.url('metadata')}/collections/{collection}/items", timeout=10)
+    response = httpx.get(
+        f"{stack.url('metadata')}/collections/{collection}/items",
+        headers=stack.service_headers("metadata"),
+        timeout=10,
+    )
     assert response.status_code == 200, response.text
     return response.json()["items"]
 
@@ -178,16 +182,43 @@ def reconcile(stack: LocalStack, collection: str, *extra: str) -> tuple[int, dic
         stack.url("metadata"),
         "--retrieval-url",
         stack.url("retrieval"),
+        "--auth-url",
+        stack.url("auth"),
         "--json",
         *extra,
+        # The stack's own secret for the reconcile client; the development default is refused.
+        env={"CROSSMODAL_RECONCILE_CLIENT_SECRET": stack.client_secrets["reconcile"]},
     )
     return result.exit_code, json.loads(result.output)
 
 
+def test_reconcile_needs_the_reconcile_client_s_secret(
+    stack: LocalStack, cli_env: dict[str, str]
+) -> None:
+    result = crossmodal(
+        "reconcile",
+        "drift",
+        "--metadata-url",
+        stack.url("metadata"),
+        "--retrieval-url",
+        stack.url("retrieval"),
+        "--auth-url",
+        stack.url("auth"),
+        env={"CROSSMODAL_RECONCILE_CLIENT_SECRET": "not-this-stack-s-secret"},
+    )
+    assert result.exit_code == 1
+    assert "refused the reconcile client" in result.output and "invalid_client" in result.output
+
+
 def test_reconcile_finds_and_repairs_drift(stack: LocalStack, token: str) -> None:
     collection = "drift"
-    retrieval = httpx.Client(base_url=stack.url("retrieval"), timeout=30)
-    metadata = httpx.Client(base_url=stack.url("metadata"), timeout=30)
+    # Straight to the internal services, as the operator tools do: with their service tokens.
+    retrieval = httpx.Client(
+        base_url=stack.url("retrieval"), headers=stack.service_headers("retrieval"), timeout=30
+    )
+    metadata = httpx.Client(
+        base_url=stack.url("metadata"), headers=stack.service_headers("metadata"), timeout=30
+    )
     with GatewayClient(stack.url("gateway"), token=token) as client:
         lost, failed, fine = (
             client.add_item(collection, png_of(c, s, 3), captions=[f"a {c} {s}"])
@@ -265,7 +296,11 @@ def test_reconcile_counts_orphan_vectors(stack: LocalStack, token: str) -> None:
         kept = client.add_item(collection, png_of("pink", "circle", 5), captions=["a pink circle"])
         gone = client.add_item(collection, png_of("pink", "star", 5), captions=["a pink star"])
     # Deleted from metadata while retrieval was unreachable: its vectors stay behind.
-    httpx.delete(f"{stack.url('metadata')}/items/{gone['id']}", timeout=10).raise_for_status()
+    httpx.delete(
+        f"{stack.url('metadata')}/items/{gone['id']}",
+        headers=stack.service_headers("metadata"),
+        timeout=10,
+    ).raise_for_status()
     code, found = reconcile(stack, collection)
     assert code == 1
     assert found["orphans"] == {"image": 1, "text": 1}

@@ -32,6 +32,7 @@ from shared.contracts.vectors import encode_vectors
 from shared.http import ServiceClient
 from shared.problems import ProblemError
 from tests.lent import Lent
+from tests.service_tokens import KEYS, service_headers
 
 pytestmark = pytest.mark.anyio
 
@@ -102,7 +103,10 @@ def test_the_auth_admin_routes_answer_with_the_contract_s_models() -> None:
 
 @pytest.fixture
 def retrieval_service(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(retrieval_app(RetrievalSettings(data_dir=tmp_path / "vectors"))) as client:
+    with TestClient(
+        retrieval_app(RetrievalSettings(data_dir=tmp_path / "vectors"), token_keys=KEYS),
+        headers=service_headers("retrieval"),
+    ) as client:
         yield client
 
 
@@ -111,7 +115,9 @@ def metadata_service(tmp_path: Path) -> Iterator[TestClient]:
     settings = MetadataSettings(
         database_url=f"sqlite:///{tmp_path / 'metadata.db'}", image_dir=tmp_path / "images"
     )
-    with TestClient(metadata_app(settings)) as client:
+    with TestClient(
+        metadata_app(settings, token_keys=KEYS), headers=service_headers("metadata")
+    ) as client:
         yield client
 
 

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from services.auth import admin as admin_cli
 from services.auth.app import create_app
 from services.auth.settings import AuthSettings
+from tests.service_tokens import granted_headers
 from tests.services.auth.conftest import READER_PASSWORD
 
 
@@ -163,7 +164,13 @@ def test_unknown_principal_is_404(client: TestClient, admin: dict[str, str]) -> 
 
 
 def _subject_entries(client: TestClient, name: str) -> list[dict[str, Any]]:
-    return [e for e in client.get("/revocations").json()["revocations"] if e.get("sub") == name]
+    return [
+        e
+        for e in client.get("/revocations", headers=granted_headers(client, "auth")).json()[
+            "revocations"
+        ]
+        if e.get("sub") == name
+    ]
 
 
 def test_disabling_revokes_every_token_and_refresh_token(
@@ -233,7 +240,12 @@ def test_revoke_tokens_and_revoke_jti(client: TestClient, admin: dict[str, str])
     )
     assert response.status_code == 201
     assert response.json()["jti"] == "some-jti"
-    assert "some-jti" in {e.get("jti") for e in client.get("/revocations").json()["revocations"]}
+    assert "some-jti" in {
+        e.get("jti")
+        for e in client.get("/revocations", headers=granted_headers(client, "auth")).json()[
+            "revocations"
+        ]
+    }
 
 
 def test_a_revoked_admin_token_is_refused_by_the_auth_service_itself(
@@ -329,7 +341,12 @@ def test_admin_command_revokes_a_jti(
     token = _token(client, "reader", READER_PASSWORD)
     jti = jwt.decode(token, options={"verify_signature": False})["jti"]
     assert _cli(capsys, "revoke-jti", jti)[0] == 0
-    assert jti in {e.get("jti") for e in client.get("/revocations").json()["revocations"]}
+    assert jti in {
+        e.get("jti")
+        for e in client.get("/revocations", headers=granted_headers(client, "auth")).json()[
+            "revocations"
+        ]
+    }
 
 
 def test_admin_command_rotation_is_picked_up_by_the_running_service(
@@ -363,6 +380,8 @@ def test_admin_command_refuses_a_production_start_without_a_key(
     monkeypatch.setenv("AUTH_DATABASE_URL", f"sqlite:///{tmp_path / 'p.db'}")
     monkeypatch.setenv("AUTH_PRIVATE_KEY_PATH", str(tmp_path / "missing.pem"))
     monkeypatch.setenv("AUTH_BOOTSTRAP_USERS", "[]")
+    monkeypatch.setenv("AUTH_GATEWAY_CLIENT_SECRET", "g" * 32)
+    monkeypatch.setenv("AUTH_RECONCILE_CLIENT_SECRET", "r" * 32)
     code, _, err = _cli(capsys, "list")
     assert code == 2 and "does not exist" in err
     assert not (tmp_path / "missing.pem").exists()

@@ -27,6 +27,9 @@ from services.auth.keystore import KeyRotationError, KeyStore, replace_private_k
 from services.auth.principals import Base, create_db_engine
 from services.auth.settings import AuthSettings
 
+# The calling services' secrets, which production requires.
+PRODUCTION_CLIENT_SECRETS = {"gateway_client_secret": "g" * 32, "reconcile_client_secret": "r" * 32}
+
 # RFC 7638 §3.1: the example key and its SHA-256 thumbprint.
 RFC7638_N = (
     "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPeb"
@@ -113,6 +116,7 @@ def test_production_refuses_to_start_without_a_key(
         argon2_memory_kib=19 * 1024,
         bootstrap_users=[{"username": "ops", "password": "a-strong-password!", "scopes": []}],
         bootstrap_clients=[],
+        **PRODUCTION_CLIENT_SECRETS,
     )
     with pytest.raises(SigningKeyError, match="does not exist"), TestClient(create_app(settings)):
         pass
@@ -128,6 +132,7 @@ def test_production_starts_with_a_provisioned_key(
         argon2_memory_kib=19 * 1024,
         bootstrap_users=[],
         bootstrap_clients=[],
+        **PRODUCTION_CLIENT_SECRETS,
     )
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200

@@ -17,6 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from services.auth.app import create_app
 from services.auth.settings import AuthSettings
+from tests.service_tokens import granted_headers
 from tests.services.auth.conftest import READER_PASSWORD
 
 POSTGRES_URL = os.environ.get(
@@ -62,7 +63,12 @@ def test_the_whole_token_lifecycle_on_postgresql(pg_client: TestClient) -> None:
         "/token", data={"grant_type": "refresh_token", "refresh_token": login["refresh_token"]}
     )
     assert reused.status_code == 401
-    revoked = {e.get("jti") for e in client.get("/revocations").json()["revocations"]}
+    revoked = {
+        e.get("jti")
+        for e in client.get("/revocations", headers=granted_headers(client, "auth")).json()[
+            "revocations"
+        ]
+    }
     assert (
         jwt.decode(rotated.json()["access_token"], options={"verify_signature": False})["jti"]
         in revoked

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from services.auth.app import create_app
 from services.auth.settings import AuthSettings
+from tests.service_tokens import granted_headers
 from tests.services.auth.conftest import CLIENT_ID, CLIENT_SECRET, READER_PASSWORD
 
 
@@ -40,7 +41,7 @@ def _jti(token: str) -> str:
 
 def _feed(client: TestClient, since: float | None = None) -> list[dict[str, Any]]:
     params = {} if since is None else {"since": since}
-    response = client.get("/revocations", params=params)
+    response = client.get("/revocations", params=params, headers=granted_headers(client, "auth"))
     assert response.status_code == 200
     return response.json()["revocations"]
 
@@ -208,7 +209,7 @@ def test_revoke_needs_a_token_parameter(client: TestClient) -> None:
 def test_feed_since_returns_only_newer_entries(client: TestClient) -> None:
     first = _login(client)
     client.post("/revoke", data={"token": first["access_token"]})
-    now = client.get("/revocations").json()["now"]
+    now = client.get("/revocations", headers=granted_headers(client, "auth")).json()["now"]
     second = _login(client)
     client.post("/revoke", data={"token": second["access_token"]})
     newer = {e["jti"] for e in _feed(client, since=now)}

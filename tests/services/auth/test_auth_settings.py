@@ -10,12 +10,18 @@ from pydantic import ValidationError
 
 from services.auth.scopes import KNOWN_SCOPES
 from services.auth.settings import AuthSettings
+from shared.service_auth import DEVELOPMENT_CLIENT_SECRETS, MIN_PRODUCTION_CLIENT_SECRET_LENGTH
 
 STRONG = "correct-horse-battery"
+SERVICE_SECRETS = {
+    "gateway_client_secret": "g" * MIN_PRODUCTION_CLIENT_SECRET_LENGTH,
+    "reconcile_client_secret": "r" * MIN_PRODUCTION_CLIENT_SECRET_LENGTH,
+}
 PRODUCTION: dict[str, Any] = {
     "environment": "production",
     "argon2_time_cost": 2,
     "argon2_memory_kib": 19 * 1024,
+    **SERVICE_SECRETS,
 }
 
 
@@ -83,6 +89,22 @@ def test_production_refuses_short_client_secrets() -> None:
     clients = [{"client_id": "svc", "client_secret": "tiny", "scopes": []}]
     with pytest.raises(ValidationError, match="client 'svc'"):
         AuthSettings(**PRODUCTION, bootstrap_users=[], bootstrap_clients=clients)
+
+
+@pytest.mark.parametrize("caller", ["gateway", "reconcile"])
+def test_production_refuses_the_default_or_a_short_service_client_secret(caller: str) -> None:
+    field = f"{caller}_client_secret"
+    with pytest.raises(ValidationError, match=f"the {caller} client secret is the development"):
+        AuthSettings(**{**PRODUCTION, field: DEVELOPMENT_CLIENT_SECRETS[caller]})
+    short = "s" * (MIN_PRODUCTION_CLIENT_SECRET_LENGTH - 1)
+    with pytest.raises(ValidationError, match=f"the {caller} client secret is shorter") as caught:
+        AuthSettings(**{**PRODUCTION, field: short})
+    assert short not in str(caught.value)
+    # Development takes the defaults, so a local stack needs no configuration.
+    assert (
+        AuthSettings().client_secrets()[caller].get_secret_value()
+        == (DEVELOPMENT_CLIENT_SECRETS[caller])
+    )
 
 
 def test_production_refuses_a_weak_argon2_cost() -> None:

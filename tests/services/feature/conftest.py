@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from services.feature.app import create_app
 from services.feature.model import TransformersEmbedder
 from services.feature.settings import FeatureSettings
+from tests.service_tokens import KEYS, service_headers
 
 MODEL_ID = "demo-tiny-clip"
 MAX_IMAGE_BYTES = 256 * 1024
@@ -43,7 +44,9 @@ def feature_settings(demo_model_dir: Path) -> FeatureSettings:
 @pytest.fixture(scope="module")
 def client(feature_settings: FeatureSettings) -> Iterator[TestClient]:
     # The context manager runs the lifespan, which loads and warms the model.
-    with TestClient(create_app(feature_settings)) as test_client:
+    with TestClient(
+        create_app(feature_settings, token_keys=KEYS), headers=service_headers("feature")
+    ) as test_client:
         yield test_client
 
 

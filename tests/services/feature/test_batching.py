@@ -18,6 +18,7 @@ from crossmodal.demo.shapes import concepts, render
 from services.feature.app import create_app
 from services.feature.model import PreparedImage, TransformersEmbedder
 from services.feature.settings import FeatureSettings
+from tests.service_tokens import KEYS, service_headers
 
 Scenario = Callable[[FastAPI, httpx.AsyncClient], Awaitable[Any]]
 
@@ -33,10 +34,12 @@ def serve(settings: FeatureSettings, embedder: Any, scenario: Scenario) -> Any:
     requests really are concurrent."""
 
     async def main() -> Any:
-        app = create_app(settings, embedder=embedder)
+        app = create_app(settings, embedder=embedder, token_keys=KEYS)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://feature") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://feature", headers=service_headers("feature")
+            ) as client:
                 return await scenario(app, client)
 
     return asyncio.run(main())

@@ -18,6 +18,7 @@ from services.feature.app import create_app
 from services.feature.model import TransformersEmbedder
 from services.feature.preprocess import DeviceJpegDecoder
 from services.feature.settings import FeatureSettings
+from tests.service_tokens import KEYS, service_headers
 
 
 class PillowAsDevice:
@@ -68,11 +69,17 @@ def test_jpegs_decoded_on_the_device(demo_embedder: TransformersEmbedder) -> Non
     files = [("images", (f"{i}", b, "application/octet-stream")) for i, b in enumerate(blobs)]
 
     settings = FeatureSettings(model="unused", max_wait_ms=0.0)
-    with TestClient(create_app(settings, embedder=device_decoding)) as client:
+    with TestClient(
+        create_app(settings, embedder=device_decoding, token_keys=KEYS),
+        headers=service_headers("feature"),
+    ) as client:
         response = client.post("/embed/image", files=files)
         truncated = jpeg(upright)[:600]
         broken = client.post("/embed/image", files=[("images", ("x.jpg", truncated, "image/jpeg"))])
-    with TestClient(create_app(settings, embedder=demo_embedder)) as client:
+    with TestClient(
+        create_app(settings, embedder=demo_embedder, token_keys=KEYS),
+        headers=service_headers("feature"),
+    ) as client:
         reference = client.post("/embed/image", files=files).json()["vectors"]
 
     assert response.status_code == 200, response.text
@@ -97,8 +104,13 @@ def test_nvjpeg_on_a_gpu(demo_model_dir: Path, demo_embedder: TransformersEmbedd
     blobs.append(jpeg(render("green", "square", size=300).convert("CMYK")))  # Pillow fallback
     files = [("images", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)]
     settings = FeatureSettings(model="unused", device="cuda")
-    with TestClient(create_app(settings, embedder=gpu)) as client:
+    with TestClient(
+        create_app(settings, embedder=gpu, token_keys=KEYS), headers=service_headers("feature")
+    ) as client:
         got = np.asarray(client.post("/embed/image", files=files).json()["vectors"])
-    with TestClient(create_app(settings, embedder=demo_embedder)) as client:
+    with TestClient(
+        create_app(settings, embedder=demo_embedder, token_keys=KEYS),
+        headers=service_headers("feature"),
+    ) as client:
         expected = np.asarray(client.post("/embed/image", files=files).json()["vectors"])
     assert (np.sum(got * expected, axis=1) > 0.99).all()

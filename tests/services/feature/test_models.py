@@ -27,6 +27,7 @@ from services.feature.model import (
     pooled,
 )
 from services.feature.settings import FeatureSettings
+from tests.service_tokens import KEYS, service_headers
 
 
 def load(model_dir: Path) -> BaseEmbedder:
@@ -40,7 +41,10 @@ def served(embedder: Any) -> tuple[dict, dict, dict]:
     """/model, a text answer and an image answer from the app around ``embedder``."""
     buffer = io.BytesIO()
     render("blue", "square").save(buffer, format="PNG")
-    with TestClient(create_app(FeatureSettings(model="unused"), embedder=embedder)) as client:
+    with TestClient(
+        create_app(FeatureSettings(model="unused"), embedder=embedder, token_keys=KEYS),
+        headers=service_headers("feature"),
+    ) as client:
         info = client.get("/model").json()
         text = client.post("/embed/text", json={"texts": ["a red circle", "a cat"]}).json()
         files = [("images", ("a.png", buffer.getvalue(), "image/png"))]

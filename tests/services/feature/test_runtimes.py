@@ -22,6 +22,7 @@ from services.feature.model import (
     resolve_runtime,
 )
 from services.feature.settings import FeatureSettings
+from tests.service_tokens import KEYS, service_headers
 
 PARITY = 0.999
 TEXTS = [
@@ -252,7 +253,10 @@ def test_an_int8_tower_that_misses_the_bound_where_it_is_served_runs_in_float32(
     assert any("text tower runs in float32" in r.getMessage() for r in caplog.records)
     assert min(onnx.parity.values()) >= PARITY
 
-    with TestClient(create_app(FeatureSettings(model=str(out), device="cpu"))) as client:
+    with TestClient(
+        create_app(FeatureSettings(model=str(out), device="cpu"), token_keys=KEYS),
+        headers=service_headers("feature"),
+    ) as client:
         info = client.get("/model").json()
     assert info["dtype"] == "int8 (image), float32 (text)"
     assert info["fallbacks"] == onnx.fallbacks
@@ -283,7 +287,9 @@ def test_onnx_load_checks_the_parity_probe(onnx_dir: Path, tmp_path: Path) -> No
 def test_onnx_export_served(onnx_dir: Path, demo_model_dir: Path) -> None:
     # runtime auto recognises an export folder.
     settings = FeatureSettings(model=str(onnx_dir), device="cpu")
-    with TestClient(create_app(settings)) as client:
+    with TestClient(
+        create_app(settings, token_keys=KEYS), headers=service_headers("feature")
+    ) as client:
         info = client.get("/model").json()
         body = client.post("/embed/text", json={"texts": ["a red circle"]}).json()
     assert info["runtime"] == "onnx" and info["architecture"] == "CLIPModel"

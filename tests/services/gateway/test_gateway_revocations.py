@@ -20,6 +20,8 @@ from services.gateway.revocations import RevocationList
 from shared.contracts.auth import AuthClient
 from shared.http import ServiceClient
 from shared.problems import ServiceUnavailable, Unauthorized
+from shared.service_auth import DEVELOPMENT_CLIENT_SECRETS
+from shared.service_tokens import ServiceTokens
 from shared.tokens import Principal, TokenVerifier
 
 pytestmark = pytest.mark.anyio
@@ -51,6 +53,24 @@ async def auth_client(auth_app: TestClient) -> AsyncIterator[ServiceClient]:
     await client.aclose()
 
 
+@pytest.fixture
+async def feed_client(
+    auth_app: TestClient, auth_client: ServiceClient
+) -> AsyncIterator[ServiceClient]:
+    """What the gateway polls the feed with: its service token for auth on every call, from
+    the client-credentials grant of this auth app."""
+    tokens = ServiceTokens(auth_client, "gateway", DEVELOPMENT_CLIENT_SECRETS["gateway"])
+    client = ServiceClient(
+        "auth",
+        "http://auth",
+        transport=httpx.ASGITransport(app=auth_app.app),
+        credentials=tokens.credentials("auth"),
+    )
+    yield client
+    await tokens.aclose()
+    await client.aclose()
+
+
 def _login(auth_app: TestClient) -> dict[str, Any]:
     response = auth_app.post(
         "/token",
@@ -68,9 +88,9 @@ def _admin(auth_app: TestClient) -> dict[str, str]:
 # revocation check).
 @pytest.mark.parametrize("memo_size", [0, 4096])
 async def test_a_revoked_token_is_refused_after_the_next_poll(
-    auth_app: TestClient, auth_client: ServiceClient, memo_size: int
+    auth_app: TestClient, auth_client: ServiceClient, feed_client: ServiceClient, memo_size: int
 ) -> None:
-    revocations = RevocationList(AuthClient(auth_client))
+    revocations = RevocationList(AuthClient(feed_client))
     verifier = TokenVerifier(
         auth_client,
         issuer="crossmodal-auth",
@@ -92,9 +112,9 @@ async def test_a_revoked_token_is_refused_after_the_next_poll(
 
 
 async def test_revoking_a_subject_refuses_its_older_tokens_only(
-    auth_app: TestClient, auth_client: ServiceClient
+    auth_app: TestClient, feed_client: ServiceClient
 ) -> None:
-    revocations = RevocationList(AuthClient(auth_client))
+    revocations = RevocationList(AuthClient(feed_client))
     old = _login(auth_app)["access_token"]
     admin = _admin(auth_app)
     await revocations.poll()  # a first full copy, then incremental ones
@@ -109,10 +129,10 @@ async def test_revoking_a_subject_refuses_its_older_tokens_only(
 
 
 async def test_a_full_resync_drops_nothing_still_live(
-    auth_app: TestClient, auth_client: ServiceClient
+    auth_app: TestClient, feed_client: ServiceClient
 ) -> None:
     revocations = RevocationList(
-        AuthClient(auth_client), resync_seconds=0
+        AuthClient(feed_client), resync_seconds=0
     )  # every poll is a full one
     admin = _admin(auth_app)
     auth_app.post("/admin/revocations", headers=admin, json={"jti": "j-1"})
@@ -152,9 +172,9 @@ async def test_stale_list_fails_closed_for_writes_and_open_for_reads() -> None:
     await unreachable.aclose()
 
 
-async def test_polling_again_makes_the_list_fresh(auth_client: ServiceClient) -> None:
+async def test_polling_again_makes_the_list_fresh(feed_client: ServiceClient) -> None:
     clock = Clock()
-    revocations = RevocationList(AuthClient(auth_client), max_staleness=60, clock=clock)
+    revocations = RevocationList(AuthClient(feed_client), max_staleness=60, clock=clock)
     clock.now = 100
     with pytest.raises(ServiceUnavailable):
         revocations.ensure_fresh(write=True)

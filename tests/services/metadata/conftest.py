@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 from services.metadata.app import create_app
 from services.metadata.db import make_engine, upgrade
 from services.metadata.settings import MetadataSettings
+from tests.service_tokens import KEYS, service_headers
 
 POSTGRES_URL = os.environ.get(
     "METADATA_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -79,5 +80,7 @@ def settings(database_url: str, tmp_path: Path) -> MetadataSettings:
 
 @pytest.fixture
 def client(settings: MetadataSettings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(
+        create_app(settings, token_keys=KEYS), headers=service_headers("metadata")
+    ) as test_client:
         yield test_client

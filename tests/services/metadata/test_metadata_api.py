@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from services.metadata.app import create_app
 from services.metadata.settings import MetadataSettings
+from tests.service_tokens import KEYS, service_headers
 from tests.services.metadata.support import (
     assert_problem,
     create,
@@ -521,7 +522,9 @@ def test_invalid_image(client: TestClient, settings: MetadataSettings, data: byt
 
 def test_image_with_too_many_pixels(settings: MetadataSettings) -> None:
     limited = settings.model_copy(update={"max_image_pixels": 16})
-    with TestClient(create_app(limited)) as client:
+    with TestClient(
+        create_app(limited, token_keys=KEYS), headers=service_headers("metadata")
+    ) as client:
         assert create(client, image=png_bytes(size=(4, 4)))["content_type"] == "image/png"
         assert_problem(upload(client, image=png_bytes(size=(4, 5))), 413, "image_too_large")
 

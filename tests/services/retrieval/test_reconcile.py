@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +20,7 @@ from prometheus_client import REGISTRY
 
 from crossmodal import reconcile as reconcile_module
 from crossmodal.reconcile import MetadataIds, Reconciler, diff, reconcile
+from services.auth.app import create_app as create_auth_app
 from services.retrieval.app import create_app
 from services.retrieval.settings import RetrievalSettings
 from shared.contracts.feature import (
@@ -38,6 +40,7 @@ from shared.contracts.metadata import (
 from shared.contracts.retrieval import RetrievalClient
 from shared.http import ServiceClient
 from tests.lent import Lent
+from tests.service_tokens import KEYS, auth_settings, service_headers
 
 DIM = 8
 MODEL = "clip-test"
@@ -234,11 +237,22 @@ def fake_feature(request: httpx.Request) -> httpx.Response:
 
 @pytest.fixture
 def retrieval(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(RetrievalSettings(data_dir=tmp_path))) as client:
+    with TestClient(
+        create_app(RetrievalSettings(data_dir=tmp_path), token_keys=KEYS),
+        headers=service_headers("retrieval"),
+    ) as client:
         deadline = time.monotonic() + 10
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        yield client
+
+
+@pytest.fixture
+def auth(tmp_path: Path) -> Iterator[TestClient]:
+    """The real auth service, signing with the key the retrieval app trusts: the command line
+    gets its service tokens there, as the reconcile client."""
+    with TestClient(create_auth_app(auth_settings(tmp_path / "auth"))) as client:
         yield client
 
 
@@ -396,22 +410,37 @@ def test_command_line(
     drifted: FakeMetadata,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    auth: TestClient,
 ) -> None:
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("unreachable", request=request)
 
+    seen: list[str | None] = []
+
+    def metadata(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return drifted.handle(request)
+
     transports: dict[str, httpx.AsyncBaseTransport] = {
+        "http://auth": Lent(auth, "auth"),
         "http://retrieval": Lent(retrieval, "retrieval"),
-        "http://metadata": httpx.MockTransport(drifted.handle),
+        "http://metadata": httpx.MockTransport(metadata),
         "http://feature": httpx.MockTransport(fake_feature),
     }
 
-    def client(name: str, base_url: str) -> ServiceClient:
+    def client(name: str, base_url: str, credentials: httpx.Auth | None = None) -> ServiceClient:
         transport = transports.get(base_url, httpx.MockTransport(unreachable))
-        return ServiceClient(name, base_url, transport=transport)
+        return ServiceClient(name, base_url, transport=transport, credentials=credentials)
 
     monkeypatch.setattr(reconcile_module, "service_client", client)
-    urls = ["--retrieval-url", "http://retrieval", "--metadata-url", "http://metadata"]
+    urls = [
+        "--retrieval-url",
+        "http://retrieval",
+        "--metadata-url",
+        "http://metadata",
+        "--auth-url",
+        "http://auth",
+    ]
     assert reconcile_module.main([*urls, "--collection", "c"]) == 1  # drift found
     found = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert found["missing"] == [2] and not found["clean"]
@@ -420,3 +449,8 @@ def test_command_line(
     )
     repaired = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert code == 0 and sorted(repaired["repair"]["reindexed"]) == [2, 4]
+    # Every metadata call carried the reconcile client's token for metadata.
+    assert seen and all(header and header.startswith("Bearer ") for header in seen)
+    claims = jwt.decode(seen[0].split()[1], options={"verify_signature": False})
+    assert claims["sub"] == "reconcile" and claims["aud"] == "crossmodal:metadata"
+    assert claims["scope"].split() == ["metadata:read", "metadata:write"]

@@ -15,6 +15,7 @@ from services.retrieval import snapshots, wal
 from services.retrieval.app import create_app
 from services.retrieval.settings import RetrievalSettings
 from shared.contracts.vectors import encode_vectors
+from tests.service_tokens import KEYS, service_headers
 
 MakeVectors = Callable[[int, int], np.ndarray]
 DIM = 8
@@ -34,7 +35,9 @@ def settings_for(tmp_path: Path, **overrides: Any) -> RetrievalSettings:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(tmp_path))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
         wait_ready(c)
         yield c
 
@@ -294,13 +297,17 @@ def test_restart_keeps_everything_and_snapshots_on_shutdown(
     tmp_path: Path, unit_vectors: MakeVectors
 ) -> None:
     vectors = unit_vectors(4, DIM)
-    with TestClient(create_app(settings_for(tmp_path))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
         wait_ready(c)
         upsert(c, "c", [1, 2, 3, 4], vectors)
         c.post("/collections/c/delete", json={"ids": [2]})
     assert snapshots.generations(tmp_path / "c") == [2]
     assert wal.generations(tmp_path / "c") == [2]
-    with TestClient(create_app(settings_for(tmp_path))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
         wait_ready(c)
         assert c.get("/collections/c").json()["counts"] == {"image": 3, "text": 0}
         results = search(c, "c", vectors, top_k=1).json()["results"]
@@ -312,7 +319,10 @@ def test_restart_keeps_everything_and_snapshots_on_shutdown(
 def test_snapshot_runs_after_snapshot_every_writes(
     tmp_path: Path, unit_vectors: MakeVectors
 ) -> None:
-    with TestClient(create_app(settings_for(tmp_path, snapshot_every=2))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path, snapshot_every=2), token_keys=KEYS),
+        headers=service_headers("retrieval"),
+    ) as c:
         wait_ready(c)
         upsert(c, "c", [1], unit_vectors(1, DIM))
         assert snapshots.generations(tmp_path / "c") == []
@@ -323,7 +333,9 @@ def test_snapshot_runs_after_snapshot_every_writes(
 
 
 def test_not_ready_when_a_log_is_damaged(tmp_path: Path, unit_vectors: MakeVectors) -> None:
-    with TestClient(create_app(settings_for(tmp_path))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
         wait_ready(c)
         upsert(c, "c", [1], unit_vectors(1, DIM))
         upsert(c, "c", [2], unit_vectors(1, DIM))
@@ -333,7 +345,9 @@ def test_not_ready_when_a_log_is_damaged(tmp_path: Path, unit_vectors: MakeVecto
     damaged = bytearray(record)
     damaged[12] ^= 0xFF
     log_file.write_bytes(bytes(damaged) + record)  # damage followed by an intact record
-    with TestClient(create_app(settings_for(tmp_path))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
         deadline = time.monotonic() + 10
         while (body := c.get("/readyz").json()).get("detail") == "collections are loading":
             assert time.monotonic() < deadline
@@ -485,7 +499,10 @@ def test_id_listing_json_pages_and_binary(client: TestClient, unit_vectors: Make
 
 
 def test_state_metrics(tmp_path: Path, unit_vectors: MakeVectors) -> None:
-    with TestClient(create_app(settings_for(tmp_path, snapshot_every=2))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path, snapshot_every=2), token_keys=KEYS),
+        headers=service_headers("retrieval"),
+    ) as c:
         wait_ready(c)
         upsert(c, "state-c", [1], unit_vectors(1, DIM))
         upsert(c, "state-c", [2], unit_vectors(1, DIM))  # the second write: a snapshot
@@ -502,7 +519,10 @@ def test_state_metrics(tmp_path: Path, unit_vectors: MakeVectors) -> None:
         assert "retrieval_index_build_seconds_count" in text
         assert "retrieval_wal_commit_records_count" in text
     # Once the app has stopped, its store is no longer reported.
-    with TestClient(create_app(settings_for(tmp_path / "other"))) as c:
+    with TestClient(
+        create_app(settings_for(tmp_path / "other"), token_keys=KEYS),
+        headers=service_headers("retrieval"),
+    ) as c:
         wait_ready(c)
         text = c.get("/metrics").text
         assert "retrieval_snapshot_age_seconds" in text

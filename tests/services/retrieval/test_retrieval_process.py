@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from services.retrieval import snapshots, wal
+from tests.service_tokens import auth_environment, service_headers
 
 REPO = Path(__file__).resolve().parents[3]
 DIM = 16
@@ -45,13 +46,14 @@ def vector_for(id_: int, version: int) -> np.ndarray:
 
 
 class Service:
-    def __init__(self, data_dir: Path, log_file: Path) -> None:
+    def __init__(self, data_dir: Path, log_file: Path, auth_url: str) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
             "RETRIEVAL_HOST": "127.0.0.1",
             "RETRIEVAL_PORT": str(self.port),
+            "RETRIEVAL_AUTH_URL": auth_url,
             "RETRIEVAL_DATA_DIR": str(data_dir),
             # Small, so snapshots and log rotation happen (and may be cut short by the kill).
             "RETRIEVAL_SNAPSHOT_EVERY": "7",
@@ -67,7 +69,10 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        self.client = httpx.Client(base_url=self.base, timeout=10)
+        # A service token signed with the key the auth service below publishes.
+        self.client = httpx.Client(
+            base_url=self.base, headers=service_headers("retrieval"), timeout=10
+        )
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -86,6 +91,40 @@ class Service:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         self.client.close()
+
+
+@pytest.fixture(scope="module")
+def auth_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real auth service, whose JWKS the retrieval process verifies its callers with."""
+    directory = tmp_path_factory.mktemp("auth")
+    port = free_port()
+    env = {**os.environ, **auth_environment(directory)}
+    env |= {"AUTH_HOST": "127.0.0.1", "AUTH_PORT": str(port)}
+    log_file = directory / "auth.log"
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.auth"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_file.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 @pytest.fixture
@@ -208,8 +247,22 @@ def holds(client: httpx.Client, state: State) -> bool:
     return True
 
 
+def test_the_api_is_behind_a_service_token(
+    tmp_path: Path, services: list[Service], auth_url: str
+) -> None:
+    service = Service(tmp_path / "data", tmp_path / "service.log", auth_url)
+    services.append(service)
+    service.wait_ready()
+    assert service.client.get("/collections").status_code == 200
+    refused = httpx.get(f"{service.base}/collections", timeout=10)
+    assert (refused.status_code, refused.json()["code"]) == (401, "missing_token")
+    # The scrape needs no token.
+    scraped = httpx.get(f"{service.base}/metrics", timeout=10)
+    assert scraped.status_code == 200 and "multimodal_requests_total" in scraped.text
+
+
 def test_sigkill_during_a_stream_of_writes_loses_no_acknowledged_write(
-    tmp_path: Path, services: list[Service]
+    tmp_path: Path, services: list[Service], auth_url: str
 ) -> None:
     seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
@@ -217,7 +270,7 @@ def test_sigkill_during_a_stream_of_writes_loses_no_acknowledged_write(
     log_file = tmp_path / "service.log"
     stream = Stream(rng, {})
     total_acknowledged = 0
-    service = Service(data_dir, log_file)
+    service = Service(data_dir, log_file, auth_url)
     services.append(service)
     service.wait_ready()
     # IVF: trained once a thousand vectors exist and retrained in the background as the set
@@ -241,7 +294,7 @@ def test_sigkill_during_a_stream_of_writes_loses_no_acknowledged_write(
         total_acknowledged += stream.acknowledged
         stream.acknowledged = 0
 
-        service = Service(data_dir, log_file)
+        service = Service(data_dir, log_file, auth_url)
         services.append(service)
         service.wait_ready()
         candidates = [stream.state]
@@ -266,7 +319,7 @@ def test_sigkill_during_a_stream_of_writes_loses_no_acknowledged_write(
         wal.wal_path(collection_dir, generation).name
     ]
     assert wal.wal_path(collection_dir, generation).stat().st_size == 0
-    final = Service(data_dir, log_file)
+    final = Service(data_dir, log_file, auth_url)
     services.append(final)
     final.wait_ready()
     assert holds(final.client, stream.state), f"seed {seed}"
