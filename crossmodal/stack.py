@@ -26,6 +26,9 @@ class ServiceSpec:
     name: str
     env_prefix: str
     port: int
+    # Where docker-compose.yml and the Kubernetes manifests serve /metrics alone, for the
+    # monitoring system only (``<PREFIX>METRICS_PORT``); a local stack keeps it on ``port``.
+    metrics_port: int
 
     @property
     def module(self) -> str:
@@ -37,11 +40,11 @@ class ServiceSpec:
 
 # Start order: dependencies first, the gateway last.
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("auth", "AUTH_", 8001),
-    ServiceSpec("feature", "FEATURE_", 8002),
-    ServiceSpec("retrieval", "RETRIEVAL_", 8003),
-    ServiceSpec("metadata", "METADATA_", 8004),
-    ServiceSpec("gateway", "GATEWAY_", 8000),
+    ServiceSpec("auth", "AUTH_", 8001, 9101),
+    ServiceSpec("feature", "FEATURE_", 8002, 9102),
+    ServiceSpec("retrieval", "RETRIEVAL_", 8003, 9103),
+    ServiceSpec("metadata", "METADATA_", 8004, 9104),
+    ServiceSpec("gateway", "GATEWAY_", 8000, 9100),
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -248,4 +249,7 @@ def serve(
     Only the gateway has proxies in front (``trusted_proxies``); the internal services take
     their peer's address as it is."""
     configure_logging(service, settings.log_level)
+    if settings.metrics_port is not None:
+        # prometheus_client's server, on a thread of its own: every path answers the scrape.
+        start_http_server(settings.metrics_port, addr=settings.host)
     uvicorn.run(factory, factory=True, **uvicorn_options(settings, trusted_proxies=trusted_proxies))

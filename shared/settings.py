@@ -24,6 +24,9 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # A port of its own for the scrape: /metrics alone, no token, for a network policy to open
+    # to the monitoring system only. /metrics stays on the main port as well.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
     @property
     def is_production(self) -> bool:

@@ -112,6 +112,12 @@ def test_service_env_uses_its_prefix_and_port(compose: dict[str, Any], spec) -> 
         assert env.get(key) == value, key
 
 
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_service_serves_metrics_on_its_metrics_port(compose: dict[str, Any], spec) -> None:
+    env = _env(compose["services"][spec.name])
+    assert env[f"{spec.env_prefix}METRICS_PORT"] == str(spec.metrics_port)
+
+
 @pytest.mark.parametrize("spec", [s for s in SERVICES if s.name not in ("auth", "gateway")])
 def test_internal_services_verify_their_callers_with_auth(compose: dict[str, Any], spec) -> None:
     env = _env(compose["services"][spec.name])

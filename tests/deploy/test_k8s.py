@@ -109,10 +109,12 @@ def test_container_runs_the_stack_command_on_its_port(spec) -> None:
     (container,) = workload["spec"]["template"]["spec"]["containers"]
     assert container["command"] == spec.command("python")
     assert "args" not in container
-    assert [p["containerPort"] for p in container["ports"]] == [spec.port]
+    ports = [(p["name"], p["containerPort"]) for p in container["ports"]]
+    assert ports == [("http", spec.port), ("metrics", spec.metrics_port)]
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     assert env[f"{spec.env_prefix}HOST"] == "0.0.0.0"
     assert env[f"{spec.env_prefix}PORT"] == str(spec.port)
+    assert env[f"{spec.env_prefix}METRICS_PORT"] == str(spec.metrics_port)
     assert container["image"].split(":")[0] == f"crossmodal/{spec.name}"
     (port,) = _find("Service", spec.name)["spec"]["ports"]
     assert port["port"] == spec.port
@@ -129,7 +131,7 @@ def test_probes(spec) -> None:
 def test_prometheus_scrape_annotations(spec) -> None:
     annotations = _workload(spec.name)["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(spec.port)
+    assert annotations["prometheus.io/port"] == str(spec.metrics_port)
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
@@ -296,13 +298,25 @@ def test_only_their_callers_reach_internal_pods(name: str) -> None:
     for rule in rules:
         peers = rule.get("from")
         assert peers, f"{name}: a rule without 'from' admits every source"
+        ports = {p["port"] for p in rule["ports"]}
         for peer in peers:
             if peer == MONITORING:
-                # Only Prometheus' namespace, for /metrics.
+                # Prometheus' namespace reaches the metrics port and nothing else.
+                assert ports == {"metrics"}, (name, ports)
                 assert name != "redis"
             else:
                 assert set(peer) == {"podSelector"}, (name, peer)  # this namespace only
                 assert _pod_names(peer) <= CALLED_BY[name], (name, peer)
+                assert "metrics" not in ports, name
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_monitoring_reaches_every_metrics_port(spec) -> None:
+    scraped = [rule for rule in _rules(spec.name) if MONITORING in rule.get("from", [])]
+    assert [{p["port"] for p in rule["ports"]} for rule in scraped] == [{"metrics"}]
+    (container,) = _workload(spec.name)["spec"]["template"]["spec"]["containers"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named["metrics"] == spec.metrics_port
 
 
 @pytest.mark.parametrize(

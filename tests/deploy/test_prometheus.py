@@ -63,7 +63,8 @@ def test_every_service_is_scraped() -> None:
         job = jobs[spec.name]
         assert job.get("metrics_path", "/metrics") == "/metrics"
         targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-        assert targets == [f"{spec.name}:{spec.port}"]
+        # The metrics port: /metrics alone, the one port a network policy opens to Prometheus.
+        assert targets == [f"{spec.name}:{spec.metrics_port}"]
         # A target label named "service" would clash with the services' own label.
         assert all("service" not in sc.get("labels", {}) for sc in job["static_configs"])
 

@@ -48,11 +48,13 @@ def vector_for(id_: int, version: int) -> np.ndarray:
 class Service:
     def __init__(self, data_dir: Path, log_file: Path, auth_url: str) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {
             **os.environ,
             "RETRIEVAL_HOST": "127.0.0.1",
             "RETRIEVAL_PORT": str(self.port),
+            "RETRIEVAL_METRICS_PORT": str(self.metrics_port),
             "RETRIEVAL_AUTH_URL": auth_url,
             "RETRIEVAL_DATA_DIR": str(data_dir),
             # Small, so snapshots and log rotation happen (and may be cut short by the kill).
@@ -247,7 +249,7 @@ def holds(client: httpx.Client, state: State) -> bool:
     return True
 
 
-def test_the_api_is_behind_a_service_token(
+def test_metrics_alone_on_the_metrics_port_and_the_api_behind_a_service_token(
     tmp_path: Path, services: list[Service], auth_url: str
 ) -> None:
     service = Service(tmp_path / "data", tmp_path / "service.log", auth_url)
@@ -256,9 +258,12 @@ def test_the_api_is_behind_a_service_token(
     assert service.client.get("/collections").status_code == 200
     refused = httpx.get(f"{service.base}/collections", timeout=10)
     assert (refused.status_code, refused.json()["code"]) == (401, "missing_token")
-    # The scrape needs no token.
-    scraped = httpx.get(f"{service.base}/metrics", timeout=10)
+    # The scrape needs no token, on its own port (the one a NetworkPolicy opens to Prometheus),
+    # where no API route answers.
+    metrics = f"http://127.0.0.1:{service.metrics_port}"
+    scraped = httpx.get(f"{metrics}/metrics", timeout=10)
     assert scraped.status_code == 200 and "multimodal_requests_total" in scraped.text
+    assert httpx.get(f"{metrics}/collections", timeout=10).text.startswith("# HELP")
 
 
 def test_sigkill_during_a_stream_of_writes_loses_no_acknowledged_write(
