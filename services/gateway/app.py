@@ -36,6 +36,7 @@ from services.gateway.schemas import (
     Tag,
     Target,
     TextSearchRequest,
+    check_attributes_form,
     not_null,
     one_or_many,
     parse_filters_form,
@@ -527,6 +528,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             Form(description="Where the image came from", json_schema_extra=not_null),
         ] = None,
     ) -> dict[str, Any]:
+        attributes = check_attributes_form(attributes)
         upload = await read_upload(image, max_upload, upload_types)
         return await state.orchestrator.add_item(
             upload,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,12 +13,17 @@ from pydantic import (
     field_validator,
 )
 
+from shared.bounded_json import JsonBoundsError, json_problem, loads_bounded
 from shared.collections import COLLECTION_NAME_PATTERN
 from shared.contracts.filters import TAG_PATTERN, component_schema
 from shared.contracts.metadata import SOURCE_URI_PATTERN, ItemOut
 from shared.problems import Unprocessable
 
 MAX_QUERY_CHARS = 1000
+# JSON in form fields: a filter (a JSON body is bounded by GATEWAY_MAX_JSON_BYTES, 64 KiB by
+# default) and an item's attributes (the metadata service's MAX_ATTRIBUTES_JSON_CHARS).
+MAX_FILTER_JSON_CHARS = 64 * 1024
+MAX_ATTRIBUTES_JSON_CHARS = 512 * 1024
 # The metadata service's defaults (METADATA_MAX_CAPTION_CHARS, METADATA_MAX_CAPTIONS, MAX_TAGS,
 # MAX_SOURCE_URI_CHARS): it checks captions, tags and the source URI itself, after removing
 # surrounding white space.
@@ -83,6 +87,17 @@ class SearchOptions(BaseModel):
         json_schema_extra=component_schema("Filter", nullable=True),
     )
 
+    @field_validator("filters")
+    @classmethod
+    def _bounded(cls, value: Filters | None) -> Filters | None:
+        # Checked before any work: JSON deeper than a filter can be would only be refused later
+        # by the metadata service, and past ~250 levels, or with an unpaired surrogate, it could
+        # not even be sent there (a 500).
+        problem = None if value is None else json_problem(value)
+        if problem:
+            raise Unprocessable(f"filters {problem}", code="invalid_filter")
+        return value
+
 
 class TextSearchRequest(SearchOptions):
     # Keyword search (alone or in hybrid) needs a word: a letter or a digit (metadata's
@@ -112,7 +127,10 @@ class TextSearchRequest(SearchOptions):
 
 
 # Form fields of POST /items as the document describes them.
-CaptionText = Annotated[str, StringConstraints(max_length=MAX_CAPTION_CHARS, pattern=r"\S")]
+# Not blank, and no NUL (the metadata service refuses it: PostgreSQL cannot store it).
+CaptionText = Annotated[
+    str, StringConstraints(max_length=MAX_CAPTION_CHARS, pattern=r"^[^\x00]*[^\s\x00][^\x00]*$")
+]
 Tag = Annotated[str, StringConstraints(pattern=TAG_PATTERN)]
 SourceUri = Annotated[
     str, StringConstraints(max_length=MAX_SOURCE_URI_CHARS, pattern=SOURCE_URI_PATTERN)
@@ -147,13 +165,27 @@ class SearchResponse(BaseModel):
 
 
 def parse_filters_form(raw: str | None) -> Filters | None:
-    """Filters arrive as a JSON string in multipart forms."""
+    """Filters arrive as a JSON string in multipart forms: parsed once within bounds."""
     if raw is None or not raw.strip():
         return None
     try:
-        value = json.loads(raw)
-    except ValueError:
-        raise Unprocessable("filters must be a JSON object", code="invalid_filter") from None
+        value = loads_bounded(raw, what="filters", max_chars=MAX_FILTER_JSON_CHARS)
+    except JsonBoundsError as exc:
+        raise Unprocessable(str(exc), code="invalid_filter") from None
     if not isinstance(value, dict):
         raise Unprocessable("filters must be a JSON object", code="invalid_filter")
     return value
+
+
+def check_attributes_form(raw: str | None) -> str | None:
+    """The ``attributes`` form field of ``POST /items``, refused before the image is embedded if
+    it is not a JSON object within bounds; the metadata service checks its members."""
+    if raw is None or not raw.strip():
+        return raw
+    try:
+        value = loads_bounded(raw, what="attributes", max_chars=MAX_ATTRIBUTES_JSON_CHARS)
+    except JsonBoundsError as exc:
+        raise Unprocessable(str(exc), code="invalid_attributes") from None
+    if not isinstance(value, dict):
+        raise Unprocessable("attributes must be a JSON object", code="invalid_attributes")
+    return raw

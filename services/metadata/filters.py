@@ -30,22 +30,25 @@ alphabet.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, Final, Literal
 
 from sqlalchemy import (
+    ARRAY,
     Boolean,
     ColumnElement,
     Numeric,
+    String,
     and_,
+    any_,
     case,
     cast,
-    exists,
     false,
     func,
     not_,
@@ -58,6 +61,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from services.metadata.models import Item, ItemTag
 from services.metadata.validation import ATTRIBUTE_KEY, MAX_FILTER_VALUES, TAG, scalar_problem
+from shared.bounded_json import json_problem
 from shared.problems import Unprocessable
 
 Scalar = str | int | float | bool | None
@@ -162,6 +166,10 @@ class _Parser:
             raise invalid_filter("a filter must be a JSON object", pointer)
         if depth > MAX_DEPTH:
             raise invalid_filter(f"filters nest at most {MAX_DEPTH} levels deep", pointer)
+        if not raw and depth:
+            # {} inside $and/$or/$not holds for every item: a condition like any other, so a
+            # list of a million of them is refused like a million conditions.
+            self.count(pointer, 0)
         parts: list[Node] = []
         for key, value in raw.items():
             here = f"{pointer}/{_escape(key)}"
@@ -328,6 +336,8 @@ def range_bound(value: Any, pointer: str) -> int | float | str:
                 return canonical_datetime(parsed)
         except ValueError:
             pass
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first year in UTC
+            raise invalid_filter("dates lie within years 1 to 9999 in UTC", pointer) from None
     raise invalid_filter(
         "range bounds are numbers or ISO 8601 dates (2024-05-01 or 2024-05-01T12:00:00Z)",
         pointer,
@@ -338,7 +348,9 @@ def canonical_datetime(value: datetime) -> str:
     """UTC, second precision unless there are fractions: the form date attributes should use so
     that comparing them as strings compares them in time."""
     value = value.astimezone(UTC)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
+    # isoformat, not strftime("%Y"): glibc writes the year 827 as "827", which neither sorts
+    # nor parses back.
+    text = value.replace(microsecond=0, tzinfo=None).isoformat()
     if value.microsecond:
         text += f".{value.microsecond:06d}"
     return text + "Z"
@@ -354,6 +366,10 @@ def parse_filter(raw: Any, pointer: str = "/filters") -> Node:
     """The tree of a filter; ``null`` and ``{}`` match everything. Raises ``invalid_filter``."""
     if raw is None:
         return MATCH_ALL
+    # Before the parser: its messages quote keys, which must be text (see bounded_json).
+    problem = json_problem(raw)
+    if problem:
+        raise invalid_filter(f"filters {problem}", pointer)
     return _Parser().object(raw, pointer, 0)
 
 
@@ -367,24 +383,50 @@ _COMPARE: Final[dict[str, Callable[[Any, Any], ColumnElement[bool]]]] = {
 }
 
 
-def attribute_equals(dialect: str, key: str, value: Scalar) -> ColumnElement[bool]:
-    """``attributes[key] == value`` with JSON types respected (1 == 1.0, but "1" != 1 and
-    true != 1; null matches an explicit null only), as bound parameters on both dialects."""
+def attribute_equals(dialect: str, key: str, values: Sequence[Scalar]) -> ColumnElement[bool]:
+    """``attributes[key]`` equal to one of ``values``, with JSON types respected (1 == 1.0, but
+    "1" != 1 and true != 1; null matches an explicit null only). However many values there are,
+    the SQL is the same small expression: a list is one bound parameter (an array on PostgreSQL,
+    a JSON array read by ``json_each`` on SQLite), never one comparison per value, which would
+    nest past SQLite's expression depth limit (1000) and cost a planner time per value."""
     if dialect == "postgresql":
         # JSONB containment compares numbers numerically and uses the GIN index.
-        return type_coerce(Item.attributes, JSONB).contains({key: value})
+        document = type_coerce(Item.attributes, JSONB)
+        if len(values) == 1:
+            return document.contains({key: values[0]})
+        wanted = [{key: value} for value in values]
+        return document.op("@>")(any_(cast(wanted, ARRAY(JSONB))))
     # SQLite: json_type tells null/true/false/integer/real/text apart, which json_extract
     # alone cannot (it returns 1 for both true and 1, and NULL for both null and missing).
     path = _sqlite_path(key)
     kind = func.json_type(Item.attributes, path)
-    if value is None:
-        return kind == "null"
-    if isinstance(value, bool):
-        return kind == ("true" if value else "false")
     extracted = func.json_extract(Item.attributes, path)
-    if isinstance(value, int | float):
-        return and_(kind.in_(("integer", "real")), extracted == value)
-    return and_(kind == "text", extracted == value)
+    literals = sorted({_LITERAL_KIND[v] for v in values if v is None or isinstance(v, bool)})
+    numbers = _distinct(v for v in values if isinstance(v, int | float) and not isinstance(v, bool))
+    texts = _distinct(v for v in values if isinstance(v, str))
+    parts: list[ColumnElement[bool]] = []
+    if literals:
+        parts.append(kind.in_(literals))
+    if numbers:
+        parts.append(and_(kind.in_(("integer", "real")), _sqlite_one_of(extracted, numbers)))
+    if texts:
+        parts.append(and_(kind == "text", _sqlite_one_of(extracted, texts)))
+    return or_(*parts)
+
+
+_LITERAL_KIND: Final[dict[bool | None, str]] = {None: "null", True: "true", False: "false"}
+
+
+def _distinct(values: Iterable[Scalar]) -> list[Scalar]:
+    return list(dict.fromkeys(values))
+
+
+def _sqlite_one_of(expression: ColumnElement[Any], values: list[Any]) -> ColumnElement[bool]:
+    """``expression IN values``: one value compared, several read from one JSON parameter."""
+    if len(values) == 1:
+        return expression == values[0]
+    listed = func.json_each(json.dumps(values)).table_valued("value")
+    return expression.in_(select(listed.c.value))
 
 
 def _sqlite_path(key: str) -> str:
@@ -427,15 +469,24 @@ def _exists(dialect: str, key: str) -> ColumnElement[bool]:
     return func.json_type(Item.attributes, _sqlite_path(key)).is_not(None)
 
 
-def _has_tags(node: HasTags) -> ColumnElement[bool]:
-    def has_any(tags: Sequence[str]) -> ColumnElement[bool]:
-        return exists(
-            select(ItemTag.item_id).where(ItemTag.item_id == Item.id, ItemTag.tag.in_(tags))
-        )
-
-    if node.mode == "any":
-        return has_any(node.tags)
-    return and_(*(has_any([tag]) for tag in node.tags))
+def _has_tags(dialect: str, node: HasTags) -> ColumnElement[bool]:
+    """How many of the tags the item has, counted by a subquery per item: one tag or a thousand
+    are the same SQL (the list is one parameter). A count, not EXISTS: PostgreSQL turns each
+    EXISTS under AND into a join to plan, and a hundred of them take minutes to plan."""
+    tags = _distinct(node.tags)
+    if len(tags) == 1:
+        matching = ItemTag.tag == tags[0]
+    elif dialect == "postgresql":
+        matching = ItemTag.tag == any_(cast(tags, ARRAY(String)))
+    else:
+        matching = _sqlite_one_of(ItemTag.tag, tags)
+    count = (
+        select(func.count())
+        .select_from(ItemTag)
+        .where(ItemTag.item_id == Item.id, matching)
+        .scalar_subquery()
+    )
+    return count >= 1 if node.mode == "any" else count == len(tags)
 
 
 def compile_filter(node: Node, dialect: str) -> ColumnElement[bool] | None:
@@ -447,13 +498,13 @@ def compile_filter(node: Node, dialect: str) -> ColumnElement[bool] | None:
 
 def _compile(node: Node, dialect: str) -> ColumnElement[bool]:
     if isinstance(node, Equals):
-        return or_(*(attribute_equals(dialect, node.key, v) for v in node.values))
+        return attribute_equals(dialect, node.key, node.values)
     if isinstance(node, Range):
         return _range(dialect, node)
     if isinstance(node, Exists):
         return _exists(dialect, node.key)
     if isinstance(node, HasTags):
-        return _has_tags(node)
+        return _has_tags(dialect, node)
     if isinstance(node, TimeRange):
         column = Item.created_at if node.field == "created_at" else Item.updated_at
         return _COMPARE[node.op](column, node.bound)

@@ -4,11 +4,11 @@ language has its own module, ``filters``.)"""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any, Final
 
+from shared.bounded_json import JsonBoundsError, loads_bounded
 from shared.collections import COLLECTION_NAME_PATTERN, is_collection_name
 from shared.contracts.metadata import SOURCE_URI_PATTERN, SOURCE_URI_SCHEMES
 from shared.problems import Unprocessable
@@ -18,6 +18,9 @@ from shared.problems import Unprocessable
 ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}$")
 MAX_ATTRIBUTES: Final = 64
 MAX_ATTRIBUTE_CHARS: Final = 1000
+# The attributes form field as JSON text: room for 64 attributes of 1000 characters each even
+# when every character is written as a \u00e9 escape.
+MAX_ATTRIBUTES_JSON_CHARS: Final = 512 * 1024
 MAX_FILTER_VALUES: Final = 1000
 MAX_TAGS: Final = 64
 # A tag is one word or short phrase: letters, digits and a few separators, no control characters
@@ -25,6 +28,10 @@ MAX_TAGS: Final = 64
 TAG = re.compile(r"^[\w][\w .:/+&'#-]{0,62}[\w]$|^[\w]$")
 MAX_SOURCE_URI_CHARS: Final = 2048
 _SOURCE_URI = re.compile(SOURCE_URI_PATTERN)
+# Characters no text column takes: PostgreSQL refuses NUL in text and JSONB, and an unpaired
+# surrogate (valid in JSON as "\ud800") cannot be encoded as UTF-8 for either database.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+NOT_TEXT_PROBLEM: Final = "strings cannot hold NUL (\\u0000) or an unpaired surrogate"
 # SQLite stores JSON integers as signed 64-bit; larger ones would silently become floats.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -51,6 +58,8 @@ def check_captions(captions: list[str], *, max_captions: int, max_chars: int) ->
         text = caption.strip()
         if not text:
             raise Unprocessable(f"caption {index} is blank", code="invalid_caption")
+        if _NOT_TEXT.search(text):
+            raise Unprocessable(f"caption {index}: {NOT_TEXT_PROBLEM}", code="invalid_caption")
         if len(text) > max_chars:
             raise Unprocessable(
                 f"caption {index} is longer than {max_chars} characters", code="invalid_caption"
@@ -104,7 +113,7 @@ def scalar_problem(value: Any) -> str | None:
     if isinstance(value, str):
         if len(value) > MAX_ATTRIBUTE_CHARS:
             return f"strings are at most {MAX_ATTRIBUTE_CHARS} characters"
-        return None
+        return NOT_TEXT_PROBLEM if _NOT_TEXT.search(value) else None
     return "values must be a string, number, boolean or null"
 
 
@@ -113,9 +122,9 @@ def parse_attributes(raw: str | None) -> dict[str, Scalar]:
     if raw is None or not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
-    except ValueError:
-        raise Unprocessable("attributes is not valid JSON", code="invalid_attributes") from None
+        value = loads_bounded(raw, what="attributes", max_chars=MAX_ATTRIBUTES_JSON_CHARS)
+    except JsonBoundsError as exc:
+        raise Unprocessable(str(exc), code="invalid_attributes") from None
     if not isinstance(value, dict):
         raise Unprocessable("attributes must be a JSON object", code="invalid_attributes")
     if len(value) > MAX_ATTRIBUTES:

@@ -44,11 +44,13 @@ def _non_empty_list(items: dict[str, Any]) -> dict[str, Any]:
 
 FILTER_SCHEMAS: dict[str, dict[str, Any]] = {
     "AttributeValue": {
-        "description": f"A string (at most {MAX_ATTRIBUTE_CHARS} characters), a number within "
-        "the range of 64-bit integers, a boolean or null.",
-        # One schema, not anyOf: the numbers' range applies to numbers, the length to strings.
+        "description": f"A string (at most {MAX_ATTRIBUTE_CHARS} characters, no NUL), a number "
+        "within the range of 64-bit integers, a boolean or null.",
+        # One schema, not anyOf: the numbers' range applies to numbers, the length and pattern
+        # to strings. NUL is refused (PostgreSQL cannot store it in text).
         "type": ["string", "number", "boolean", "null"],
         "maxLength": MAX_ATTRIBUTE_CHARS,
+        "pattern": "^[^\\x00]*$",
         "minimum": _NUMBER["minimum"],
         "maximum": _NUMBER["maximum"],
     },
