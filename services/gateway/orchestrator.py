@@ -83,6 +83,12 @@ class SearchResult:
     cached: bool
 
 
+def _retrieve_outcome(task: asyncio.Future[Any]) -> None:
+    # An embedding abandoned for a refused filter may still fail; its error is not news.
+    if not task.cancelled():
+        task.exception()
+
+
 class QueryEmbedding:
     """A search's query vector: read from the embedding cache in the same round trip as the
     page (``key``), else computed once by ``compute``, learnt, and written with the page."""
@@ -261,15 +267,25 @@ class Orchestrator:
         self, embed: Embed, target: Target, top_k: int, collection: str, filters: Filters | None
     ) -> tuple[list[Ranked], str]:
         """Nearest neighbours of the query vector, restricted by the filters' allow-list."""
-        vector, model_id = await embed()
         allow_ids: list[int] | None = None
         if filters:
-            allowed = await self.backends.metadata.filter(
-                collection, FilterRequest(filters=filters, target=target)
-            )
+            # The query is embedded while metadata applies the filters; a filter it refuses
+            # (a client's 4xx) cancels the embedding instead of waiting for it.
+            embedding = asyncio.ensure_future(embed())
+            embedding.add_done_callback(_retrieve_outcome)
+            try:
+                allowed = await self.backends.metadata.filter(
+                    collection, FilterRequest(filters=filters, target=target)
+                )
+            except BaseException:
+                embedding.cancel()
+                raise
             allow_ids = allowed.item_ids if target == "image" else allowed.caption_ids
+            vector, model_id = await embedding
             if not allow_ids:
                 return [], model_id
+        else:
+            vector, model_id = await embed()
         found = await self.backends.retrieval.search(
             collection,
             SearchRequest(

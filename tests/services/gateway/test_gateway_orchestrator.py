@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from services.gateway.cache import ResultCache
 from services.gateway.orchestrator import Backends, Orchestrator, Upload
@@ -19,7 +21,7 @@ from shared.contracts.metadata import CaptionOut, ItemOut, MetadataClient
 from shared.contracts.retrieval import RetrievalClient
 from shared.contracts.vectors import decode_vectors
 from shared.http import ServiceClient
-from shared.problems import ServiceUnavailable
+from shared.problems import ProblemError, ServiceUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -119,4 +121,98 @@ async def test_captions_embedded_by_another_model_are_refused(
         await orchestrator.add_item(IMAGE, collection="c", captions=["x"], attributes=None)
     assert raised.value.code == "model_changed"
     assert seen["upserts"] == [] and "status" not in seen  # nothing stored or indexed
+    await backends.aclose()
+
+
+class _SlowModel(httpx.AsyncBaseTransport):
+    """The feature service of a filtered search, as a transport (what the gateway's client sees
+    of it): it answers only once the filter call has arrived (a search that waited for one
+    before sending the other would never finish), after ``delay`` seconds, and records whether
+    the gateway abandoned the call."""
+
+    def __init__(self, seen: dict[str, Any], delay: float) -> None:
+        self.seen, self.delay = seen, delay
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen["embed_started"].set()
+        try:
+            # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that arrives
+            # as the awaited event is set (the very moment this test makes).
+            await self.seen["filter_started"].wait()
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.seen["embed_cancelled"] = True
+            raise
+        body = {"model_id": "m1", "dim": 2, "vectors": [[0.0, 1.0]], "truncated": [False]}
+        return httpx.Response(200, json=body)
+
+
+def _search_stubs(filter_status: int) -> tuple[Backends, dict[str, Any]]:
+    seen: dict[str, Any] = {
+        "filter_started": asyncio.Event(),
+        "embed_started": asyncio.Event(),
+        "embed_cancelled": False,
+    }
+    metadata = FastAPI()
+
+    @metadata.post("/collections/{collection}/filter")
+    async def filter_items(collection: str) -> Any:
+        seen["filter_started"].set()
+        if filter_status != 200:
+            # Refused once the model is at work, so that there is an embedding to abandon.
+            await asyncio.wait_for(seen["embed_started"].wait(), timeout=10)
+            return JSONResponse(
+                {
+                    "type": "about:blank",
+                    "title": "bad filter",
+                    "status": filter_status,
+                    "code": "invalid_filter",
+                    "detail": "too many values",
+                },
+                status_code=filter_status,
+                media_type="application/problem+json",
+            )
+        return {"item_ids": [], "caption_ids": None}
+
+    model = _SlowModel(seen, delay=0 if filter_status == 200 else 10)
+    backends = Backends(
+        auth=_client("auth", FastAPI()),
+        feature=FeatureClient(ServiceClient("feature", "http://feature", transport=model)),
+        retrieval=RetrievalClient(_client("retrieval", FastAPI())),
+        metadata=MetadataClient(_client("metadata", metadata)),
+    )
+    return backends, seen
+
+
+async def test_a_filtered_search_embeds_while_metadata_filters(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    backends, seen = _search_stubs(200)
+    orchestrator = Orchestrator(backends, ResultCache(guarded, prefix=prefix, ttl_seconds=60))
+    result = await asyncio.wait_for(
+        orchestrator.search_text(
+            "a red circle", target="image", top_k=5, collection="c", filters={"colour": "red"}
+        ),
+        timeout=20,
+    )
+    # Nothing passes the filter: an empty page, with the model that embedded the query.
+    page = orjson.loads(result.body)
+    assert page["results"] == [] and page["model_id"] == "m1"
+    assert not seen["embed_cancelled"]
+    await backends.aclose()
+
+
+async def test_a_refused_filter_abandons_the_embedding(guarded: GuardedRedis, prefix: str) -> None:
+    backends, seen = _search_stubs(422)
+    orchestrator = Orchestrator(backends, ResultCache(guarded, prefix=prefix, ttl_seconds=60))
+    with pytest.raises(ProblemError) as raised:
+        await asyncio.wait_for(
+            orchestrator.search_text(
+                "a red circle", target="image", top_k=5, collection="c", filters={"x": 1}
+            ),
+            timeout=5,  # the stub model takes 10 s: only an abandoned embedding answers sooner
+        )
+    assert raised.value.status == 422 and raised.value.code == "invalid_filter"
+    await asyncio.sleep(0.1)  # the embedding's task learns of it when it runs next
+    assert seen["embed_cancelled"]
     await backends.aclose()
