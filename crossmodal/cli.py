@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import httpx
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -277,8 +277,22 @@ collections_app = typer.Typer(
 )
 app.add_typer(collections_app, name="collections")
 
-err = Console(stderr=True)
-out = Console()
+# Output that is not read on a terminal (a pipe, a file, a CI log) is not wrapped: a table
+# there keeps whole names and values. COLUMNS, when set, still decides.
+UNWRAPPED_WIDTH = 10_000
+
+
+class _Console(Console):
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or self._width is not None or "COLUMNS" in self._environ:
+            return size
+        return ConsoleDimensions(UNWRAPPED_WIDTH, size.height)
+
+
+err = _Console(stderr=True)
+out = _Console()
 
 GatewayOption = Annotated[
     str,
@@ -521,7 +535,13 @@ def search(
     gateway: GatewayOption = DEFAULT_GATEWAY,
     token: TokenOption = None,
     top_k: Annotated[int, typer.Option(min=1, max=100)] = 10,
-    target: Annotated[str, typer.Option(help="image (images) or text (captions).")] = "image",
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="image (images) or text (captions); by default what the API answers: images "
+            "for a text query, captions for --image."
+        ),
+    ] = None,
     filters: Annotated[str | None, typer.Option(help="A JSON filter (docs/metadata.md).")] = None,
     mode: Annotated[
         str, typer.Option(help="vector, keyword or hybrid (text queries; needs gateway support).")
@@ -531,7 +551,7 @@ def search(
     """Search a collection by text or by image."""
     if (query is None) == (image is None):
         raise fail("give either a text query or --image")
-    if target not in ("image", "text"):
+    if target not in (None, "image", "text"):
         raise fail("--target is image or text")
     try:
         parsed_filters = json.loads(filters) if filters else None

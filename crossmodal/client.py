@@ -233,16 +233,14 @@ class GatewayClient:
         *,
         collection: str,
         top_k: int = 10,
-        target: str = "image",
+        target: str | None = None,
         filters: Any = None,
         mode: str = "vector",
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "query": query,
-            "collection": collection,
-            "top_k": top_k,
-            "target": target,
-        }
+        """``target`` None: the gateway's default (images)."""
+        body: dict[str, Any] = {"query": query, "collection": collection, "top_k": top_k}
+        if target is not None:
+            body["target"] = target
         if filters is not None:
             body["filters"] = filters
         if mode != "vector":  # only sent when asked: older gateways refuse unknown fields
@@ -257,10 +255,13 @@ class GatewayClient:
         filename: str = "query",
         content_type: str | None = None,
         top_k: int = 10,
-        target: str = "image",
+        target: str | None = None,
         filters: Any = None,
     ) -> dict[str, Any]:
-        form: dict[str, Any] = {"collection": collection, "top_k": str(top_k), "target": target}
+        """``target`` None: the gateway's default (captions)."""
+        form: dict[str, Any] = {"collection": collection, "top_k": str(top_k)}
+        if target is not None:
+            form["target"] = target
         if filters is not None:
             form["filters"] = json.dumps(filters)
         media_type = content_type or sniff_image_type(image)

@@ -32,6 +32,7 @@ class StubGateway:
     def __init__(self) -> None:
         self.requests: list[httpx.Request] = []
         self.collections_route = True
+        self.extra_collection: dict[str, Any] | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -48,7 +49,8 @@ class StubGateway:
         if path.startswith("/collections") and not self.collections_route:
             return httpx.Response(404, json={"code": "not_found", "detail": "Not Found"})
         if path == "/collections":
-            return httpx.Response(200, json={"collections": [COLLECTION]})
+            extra = [self.extra_collection] if self.extra_collection else []
+            return httpx.Response(200, json={"collections": [COLLECTION, *extra]})
         if path == "/collections/shop":
             return httpx.Response(200, json=COLLECTION)
         if path == "/search/text":
@@ -94,7 +96,6 @@ def search_answer(body: dict[str, Any]) -> dict[str, Any]:
 def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "config"
     monkeypatch.setenv("CROSSMODAL_CONFIG_DIR", str(folder))
-    monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.delenv("CROSSMODAL_TOKEN", raising=False)
     return folder
 
@@ -185,15 +186,20 @@ def test_search_output(stub: StubGateway, config: Path) -> None:
     }
     assert json.loads(result.output)["results"][0]["item_id"] == 42
 
-    # By default no "mode" is sent, so gateways without hybrid search accept the request.
+    # By default no "mode" is sent, so gateways without hybrid search accept the request, and
+    # no target: the API's default applies (images for a text query).
     invoke("search", "shirt", "-c", "shop", "--gateway", GATEWAY)
-    assert "mode" not in json.loads(stub.requests[-1].content)
+    assert json.loads(stub.requests[-1].content).keys() == {"query", "collection", "top_k"}
 
     query = Path(config.parent / "q.png")
     query.write_bytes(png(1))
     result = invoke("search", "-c", "shop", "--image", str(query), "--gateway", GATEWAY)
     assert result.exit_code == 0, result.output
     assert stub.requests[-1].url.path == "/search/image"
+    # ... and captions for an image query, as POST /search/image answers without a target.
+    assert b'name="target"' not in stub.requests[-1].content
+    invoke("search", "-c", "shop", "--image", str(query), "--target", "image", "--gateway", GATEWAY)
+    assert b'name="target"\r\n\r\nimage\r\n' in stub.requests[-1].content
     assert invoke("search", "-c", "shop", "--gateway", GATEWAY).exit_code == 1
     assert (
         invoke("search", "x", "-c", "shop", "--filters", "{bad", "--gateway", GATEWAY).exit_code
@@ -210,6 +216,12 @@ def test_collections_commands(stub: StubGateway, config: Path) -> None:
     assert json.loads(result.output) == COLLECTION
     result = invoke("collections", "list", "--gateway", GATEWAY, "--json")
     assert json.loads(result.output) == {"collections": [COLLECTION]}
+
+    # Not on a terminal (here: captured), a table is not wrapped: long names stay whole.
+    long_name = "a-collection-with-a-long-name-" * 4
+    stub.extra_collection = {**COLLECTION, "name": long_name}
+    result = invoke("collections", "--gateway", GATEWAY)
+    assert any(long_name in line for line in result.output.splitlines()), result.output
 
     stub.collections_route = False  # a gateway without the collections endpoints yet
     result = invoke("collections", "list", "--gateway", GATEWAY)
