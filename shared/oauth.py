@@ -32,33 +32,47 @@ def _form_doc(properties: dict[str, Any], required: list[str]) -> dict[str, Any]
     }
 
 
-TOKEN_REQUEST_DOC = _form_doc(
+_TOKEN_FIELDS: dict[str, Any] = {
+    "grant_type": {
+        "type": "string",
+        "enum": ["password", "client_credentials", "refresh_token"],
+    },
+    "username": _text(MAX_NAME_LENGTH, description="with the password grant"),
+    "password": _text(MAX_SECRET_LENGTH, format="password", description="with the password grant"),
+    "client_id": _text(
+        MAX_NAME_LENGTH,
+        description="with the client_credentials grant, unless HTTP Basic carries it",
+    ),
+    "client_secret": _text(
+        MAX_SECRET_LENGTH,
+        format="password",
+        description="with the client_credentials grant, unless HTTP Basic carries it",
+    ),
+    "refresh_token": _text(
+        MAX_TOKEN_LENGTH, format="password", description="with the refresh_token grant"
+    ),
+    "scope": {
+        "type": "string",
+        "pattern": _SCOPE_PATTERN,
+        "description": "space-separated scopes; none asks for every scope granted",
+    },
+}
+# The public token endpoint (the gateway's /auth/token).
+TOKEN_REQUEST_DOC = _form_doc(_TOKEN_FIELDS, ["grant_type"])
+# The auth service's own /token also issues service tokens to the calling services
+# (shared/service_auth.py): client_credentials with an internal audience. The gateway refuses
+# the field, so service tokens are never issued through the public door.
+SERVICE_TOKEN_REQUEST_DOC = _form_doc(
     {
-        "grant_type": {
+        **_TOKEN_FIELDS,
+        "audience": {
             "type": "string",
-            "enum": ["password", "client_credentials", "refresh_token"],
+            "pattern": "^crossmodal:[a-z]+$",
+            "description": "with the client_credentials grant of a calling service: the "
+            "internal service the token is for (crossmodal:<service>); scope then names that "
+            "service's scopes",
         },
-        "username": _text(MAX_NAME_LENGTH, description="with the password grant"),
-        "password": _text(
-            MAX_SECRET_LENGTH, format="password", description="with the password grant"
-        ),
-        "client_id": _text(
-            MAX_NAME_LENGTH,
-            description="with the client_credentials grant, unless HTTP Basic carries it",
-        ),
-        "client_secret": _text(
-            MAX_SECRET_LENGTH,
-            format="password",
-            description="with the client_credentials grant, unless HTTP Basic carries it",
-        ),
-        "refresh_token": _text(
-            MAX_TOKEN_LENGTH, format="password", description="with the refresh_token grant"
-        ),
-        "scope": {
-            "type": "string",
-            "pattern": _SCOPE_PATTERN,
-            "description": "space-separated scopes; none asks for every scope granted",
-        },
+        "scope": {"type": "string", "description": "space-separated scopes"},
     },
     ["grant_type"],
 )

@@ -36,7 +36,7 @@ from shared.oauth import (
     MAX_NAME_LENGTH,
     MAX_TOKEN_LENGTH,
     REVOKE_REQUEST_DOC,
-    TOKEN_REQUEST_DOC,
+    SERVICE_TOKEN_REQUEST_DOC,
 )
 from shared.problems import ProblemError
 from shared.service_auth import CallerVerifier, caller
@@ -205,7 +205,7 @@ def create_app(settings: AuthSettings | None = None) -> FastAPI:
         "/token",
         response_model=TokenResponse,
         response_model_exclude_none=True,
-        openapi_extra=TOKEN_REQUEST_DOC,
+        openapi_extra=SERVICE_TOKEN_REQUEST_DOC,
         summary="Issue an access token (OAuth2 token endpoint)",
     )
     async def token(request: Request) -> JSONResponse:

@@ -45,6 +45,7 @@ from services.gateway.security import (
     Admission,
     limit_login,
     limit_token_requests,
+    refuse_service_audience,
     require,
     require_deferred,
     settle_admission,
@@ -397,6 +398,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     async def token(request: Request, state: State) -> Response:
         # Per IP (the dependency), then per account: a locked account is refused here.
+        await refuse_service_audience(request)
         return await limit_login(request, lambda: forward_form(request, state, "/token"))
 
     @app.post(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request, Response, Security
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import Scope
@@ -153,17 +154,37 @@ async def limit_token_requests(request: Request) -> None:
         )
 
 
-async def _password_login(request: Request) -> str | None:
-    """The account a token request logs in to with a password, read as the auth service reads
-    it (the same form parser); None when it is no such request, which the auth service then
-    refuses without looking at a password."""
+async def _token_form(request: Request) -> FormData | None:
+    """A token request's form, read as the auth service reads it (the same parser); None when
+    it is no form, which the auth service then refuses."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != FORM_MEDIA_TYPE:
         return None
     await request.body()  # kept by the request, for the forwarding after the parse
     try:
-        form = await request.form()
+        return await request.form()
     except (HTTPException, MultiPartException):  # the auth service refuses it alike
+        return None
+
+
+async def refuse_service_audience(request: Request) -> None:
+    """Service tokens (a client-credentials grant with an ``audience``) are issued by the auth
+    service to the internal services only, never through the public door."""
+    form = await _token_form(request)
+    if form is not None and "audience" in form:
+        raise ProblemError(
+            "audience is not a field of this token endpoint",
+            code="invalid_request",
+            status=400,
+            headers={"Cache-Control": "no-store"},
+        )
+
+
+async def _password_login(request: Request) -> str | None:
+    """The account a token request logs in to with a password; None when it is no such
+    request, which the auth service then refuses without looking at a password."""
+    form = await _token_form(request)
+    if form is None:
         return None
     username = form.get("username")
     if form.get("grant_type") != "password" or not isinstance(username, str) or not username:

@@ -29,6 +29,7 @@ from services.gateway.app import create_app as create_gateway
 from services.gateway.settings import GatewaySettings, RateLimit
 from shared.app import uvicorn_options
 from shared.lockout import LoginBackoff
+from shared.service_auth import DEVELOPMENT_CLIENT_SECRETS
 from tests.services.gateway.conftest import REDIS_URL, dead_redis_url
 
 pytestmark = pytest.mark.anyio
@@ -236,3 +237,25 @@ async def test_without_redis_logins_follow_the_read_policy(gateway_at: Any) -> N
         refused = await login(client, "bob", PASSWORDS["bob"], {})
     assert refused.status_code == 503
     assert refused.json()["code"] == "rate_limiter_unavailable"
+
+
+async def test_service_tokens_are_not_issued_through_the_gateway(
+    gateway_at: Any, auth_url: str
+) -> None:
+    # The gateway's own client credentials, asking for a token for an internal service.
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": "gateway",
+        "client_secret": DEVELOPMENT_CLIENT_SECRETS["gateway"],
+        "audience": "crossmodal:metadata",
+    }
+    async with httpx.AsyncClient(base_url=auth_url, timeout=30) as client:
+        assert (await client.post("/token", data=form)).status_code == 200  # auth issues it
+    async with (
+        gateway_at() as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        refused = await client.post("/auth/token", data=form)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["code"] == "invalid_request" and "access_token" not in refused.text
+    assert refused.headers["cache-control"] == "no-store"
