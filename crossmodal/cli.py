@@ -41,7 +41,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from crossmodal.client import DEFAULT_GATEWAY, GatewayClient, GatewayError, TokenStore
+from crossmodal.client import (
+    DEFAULT_GATEWAY,
+    GatewayClient,
+    GatewayError,
+    TokenSession,
+    TokenStore,
+)
 from crossmodal.stack import LocalStack
 
 if TYPE_CHECKING:
@@ -256,11 +262,12 @@ def ingest_progress(quiet: bool) -> Progress:
 
 
 class ItemsPerSecondColumn(ProgressColumn):
-    """Throughput over the last seconds (rich's own speed estimate)."""
+    """Records settled per second, whatever their outcome, over the last seconds (rich's own
+    speed estimate): the pace the ETA is made of."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("-- items/s" if speed is None else f"{speed:.1f} items/s", style="cyan")
+        return Text("-- records/s" if speed is None else f"{speed:.1f} records/s", style="cyan")
 
 
 # --- the typer application -------------------------------------------------------------------
@@ -316,14 +323,16 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _client(gateway: str, token: str | None) -> GatewayClient:
-    if not token:
-        saved = TokenStore().load(gateway)
-        if saved is None:
-            raise fail(f"no token for {gateway}: run `crossmodal login` or pass --token")
-        if saved.expired:
-            raise fail(f"the saved token for {gateway} has expired: run `crossmodal login`")
-        token = saved.access_token
-    return GatewayClient(gateway, token=token)
+    if token:  # given: used as it is
+        return GatewayClient(gateway, token=token)
+    store = TokenStore()
+    saved = store.load(gateway)
+    if saved is None:
+        raise fail(f"no token for {gateway}: run `crossmodal login` or pass --token")
+    if saved.expired and saved.refresh_token is None:
+        raise fail(f"the saved token for {gateway} has expired: run `crossmodal login`")
+    # The saved login: its access token renewed with its refresh token as long as that lives.
+    return GatewayClient(gateway, session=TokenSession(gateway, saved, store))
 
 
 def _problem(exc: GatewayError) -> typer.Exit:
@@ -499,6 +508,8 @@ def index(
         ingestor.on_progress = lambda _outcome: progress.advance(task)
         report = ingestor.run(records)
     _print_report(report, journal_path)
+    if report.stopped is not None:
+        raise fail(f"stopped: the gateway refused the token: {report.stopped}")
     if report.interrupted:
         raise typer.Exit(130)
     if report.failures:
@@ -510,7 +521,7 @@ def _print_report(report: Any, journal_path: Path) -> None:
         f"{report.indexed} indexed, {report.duplicates} already there, "
         f"{len(report.failures)} failed, {report.resumed} done by an earlier run "
         f"({report.total} in the input) in {report.seconds:.1f}s "
-        f"= {report.items_per_second:.1f} items/s",
+        f"= {report.items_per_second:.1f} indexed/s",
         highlight=False,
     )
     if report.failures:
@@ -522,7 +533,8 @@ def _print_report(report: Any, journal_path: Path) -> None:
         out.print(table)
         if len(report.failures) > 50:
             out.print(f"… and {len(report.failures) - 50} more (see {journal_path})")
-        out.print("Run the same command again to retry the failures.")
+        if report.stopped is None:
+            out.print("Run the same command again to retry the failures.")
     if report.interrupted:
         out.print(f"Interrupted: run the same command again to resume ({journal_path}).")
 

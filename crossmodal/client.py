@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,15 +94,72 @@ def _error_from(response: httpx.Response) -> GatewayError:
     return GatewayError(response.status_code, code, detail, body=body, retry_after=retry_after)
 
 
+LOGIN_REQUIRED = "login_required"
+
+
 @dataclass(frozen=True)
 class Token:
     access_token: str
     expires_at: float | None  # UNIX time
+    # The password grant's refresh token: a long run renews its access token with it.
+    refresh_token: str | None = None
+    lifetime: float | None = None  # seconds the access token was issued for
 
     @property
     def expired(self) -> bool:
-        # A minute of slack: a token about to expire would fail mid-run.
-        return self.expires_at is not None and time.time() > self.expires_at - 60
+        # Renewed a quarter of its life (at most a minute) early: a token about to expire would
+        # fail mid-request.
+        slack = 60.0 if self.lifetime is None else min(60.0, self.lifetime / 4)
+        return self.expires_at is not None and time.time() > self.expires_at - slack
+
+
+class TokenSession:
+    """The access token of one command, shared by its threads: renewed with the refresh token
+    before it expires or once the gateway refuses it, one renewal at a time (the auth service
+    rotates refresh tokens, and two renewals with the same one would revoke them all), and each
+    new pair saved at once, since the refresh token saved before is spent."""
+
+    def __init__(self, gateway: str, token: Token, store: TokenStore | None = None) -> None:
+        self.gateway = gateway
+        self._token = token
+        self._store = store
+        self._lock = threading.Lock()
+
+    def access_token(self, client: GatewayClient) -> str:
+        token = self._token
+        if token.expired and token.refresh_token is not None:
+            token = self._renew(client, token.access_token)
+        return token.access_token
+
+    def renew_refused(self, client: GatewayClient, refused: str) -> bool:
+        """After a 401 for ``refused``: True once a new token is there to try."""
+        if self._token.refresh_token is None:
+            return False
+        return self._renew(client, refused).access_token != refused
+
+    def _renew(self, client: GatewayClient, stale: str) -> Token:
+        with self._lock:
+            current = self._token
+            if current.access_token != stale or current.refresh_token is None:
+                return current  # another thread renewed it meanwhile
+            try:
+                renewed = client.refresh_token(current.refresh_token)
+            except GatewayError as exc:
+                if exc.status in (400, 401):  # the refresh token is spent, revoked or expired
+                    raise login_required(self.gateway, exc.detail) from None
+                raise
+            self._token = renewed
+            if self._store is not None:
+                self._store.save(self.gateway, renewed)
+            return renewed
+
+
+def login_required(gateway: str, why: str) -> GatewayError:
+    return GatewayError(401, LOGIN_REQUIRED, f"{why}; run `crossmodal login --gateway {gateway}`")
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 class GatewayClient:
@@ -113,11 +171,14 @@ class GatewayClient:
         base_url: str = DEFAULT_GATEWAY,
         *,
         token: str | None = None,
+        session: TokenSession | None = None,
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
     ) -> None:
+        """``token``: used as it is; ``session``: renewed as it nears its expiry."""
         self.base_url = base_url.rstrip("/")
+        self._session = session
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Embedding on a CPU is the slow step behind POST /items: a generous read timeout.
         self._http = http or httpx.Client(
@@ -137,15 +198,40 @@ class GatewayClient:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {**self._headers, **(kwargs.pop("headers", None) or {})}
+    def request(
+        self, method: str, path: str, *, authenticated: bool = True, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {**self._headers, **(kwargs.pop("headers", None) or {})} if authenticated else {}
+        session = self._session if authenticated else None
+        if session is None:
+            return self._send(method, path, headers, kwargs)
+        token = session.access_token(self)
+        response = self._send(method, path, headers | _bearer(token), kwargs, refused_ok=True)
+        if response.status_code == 401:
+            # Expired or revoked since it was checked: renewed once, the request sent again (a
+            # 401 is answered before the gateway does anything).
+            if not session.renew_refused(self, token):
+                raise login_required(self.base_url, _error_from(response).detail)
+            token = session.access_token(self)
+            response = self._send(method, path, headers | _bearer(token), kwargs)
+        return response
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        kwargs: dict[str, Any],
+        *,
+        refused_ok: bool = False,
+    ) -> httpx.Response:
         try:
             response = self._http.request(method, path, headers=headers, **kwargs)
         except httpx.TimeoutException as exc:
             raise GatewayError(None, "timeout", f"{method} {path} timed out") from exc
         except httpx.TransportError as exc:
             raise GatewayError(None, "unreachable", f"cannot reach {self.base_url}: {exc}") from exc
-        if response.status_code >= 400:
+        if response.status_code >= 400 and not (refused_ok and response.status_code == 401):
             raise _error_from(response)
         return response
 
@@ -167,11 +253,20 @@ class GatewayClient:
             form["scope"] = scope
         return self._token(form)
 
+    def refresh_token(self, refresh_token: str) -> Token:
+        """The next access and refresh tokens (the one given is spent by this call)."""
+        return self._token({"grant_type": "refresh_token", "refresh_token": refresh_token})
+
     def _token(self, form: dict[str, str]) -> Token:
-        body = self.request("POST", "/auth/token", data=form).json()
+        body = self.request("POST", "/auth/token", data=form, authenticated=False).json()
         expires_in = body.get("expires_in")
-        expires_at = time.time() + float(expires_in) if expires_in else None
-        return Token(body["access_token"], expires_at)
+        lifetime = float(expires_in) if expires_in else None
+        return Token(
+            body["access_token"],
+            time.time() + lifetime if lifetime else None,
+            refresh_token=body.get("refresh_token"),
+            lifetime=lifetime,
+        )
 
     # --- items --------------------------------------------------------------------------
 
@@ -328,13 +423,20 @@ class TokenStore:
         entry = self._read().get(gateway.rstrip("/"))
         if not isinstance(entry, dict) or not entry.get("access_token"):
             return None
-        return Token(str(entry["access_token"]), entry.get("expires_at"))
+        return Token(
+            str(entry["access_token"]),
+            entry.get("expires_at"),
+            refresh_token=entry.get("refresh_token"),
+            lifetime=entry.get("lifetime"),
+        )
 
     def save(self, gateway: str, token: Token) -> None:
         data = self._read()
         data[gateway.rstrip("/")] = {
             "access_token": token.access_token,
             "expires_at": token.expires_at,
+            "refresh_token": token.refresh_token,
+            "lifetime": token.lifetime,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -68,6 +68,9 @@ class IngestReport:
     duplicates: int = 0
     failures: list[Outcome] = field(default_factory=list)
     interrupted: bool = False
+    # Why the run stopped before the end: the gateway refused its token (a 401 would refuse
+    # every later upload too).
+    stopped: str | None = None
     seconds: float = 0.0
 
     @property
@@ -76,7 +79,8 @@ class IngestReport:
 
     @property
     def items_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
+        """Items indexed per second: failures and duplicates are not throughput."""
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Ingestor:
         self._claims: dict[str, str] = dict(journal.done_hashes())
         self._claims_lock = threading.Lock()
         self._stop = threading.Event()
+        self._refused: GatewayError | None = None
         self._hash_lookup = True
 
     def pending(self, records: Sequence[IngestRecord]) -> list[IngestRecord]:
@@ -140,6 +145,8 @@ class Ingestor:
             pool.shutdown(wait=True, cancel_futures=True)
             self.journal.sync()
             report.seconds = time.monotonic() - started
+        if self._refused is not None:
+            report.stopped = self._refused.detail
         return report
 
     def _run_batch(
@@ -246,6 +253,8 @@ class Ingestor:
         content_type = sniff_image_type(
             item.data, guessed if guessed.startswith("image/") else "image/jpeg"
         )
+        if self._refused is not None:  # queued before the run stopped
+            return Outcome(record.key, "failed", item.sha256, error=str(self._refused))
         last: GatewayError | None = None
         for attempt in range(self.options.retries + 1):
             if attempt and self._stop.is_set():
@@ -265,6 +274,12 @@ class Ingestor:
             except GatewayError as exc:
                 if exc.status == 409 and exc.code == "duplicate_item":
                     return Outcome(record.key, "duplicate", item.sha256, exc.item_id)
+                if exc.status == 401:
+                    # The login is over (the client renews a token it can): every later upload
+                    # would be refused too, so the run stops here.
+                    self._refused = self._refused or exc
+                    self._stop.set()
+                    return Outcome(record.key, "failed", item.sha256, error=str(exc))
                 if not (exc.retryable or exc.code == "duplicate_pending"):
                     return Outcome(record.key, "failed", item.sha256, exc.item_id, str(exc))
                 last = exc

@@ -88,7 +88,7 @@ class AuthSettings(ServiceSettings):
     private_key_path: Path = Path("var/auth/signing-key.pem")
     issuer: str = "crossmodal-auth"
     audience: str = "crossmodal-gateway"
-    access_token_ttl_seconds: int = Field(900, ge=30, le=86400)
+    access_token_ttl_seconds: int = Field(900, ge=5, le=86400)
     # Users get a refresh token with each password login, rotated on every use; a family of
     # rotated tokens ends after the maximum lifetime however often it was refreshed.
     refresh_token_ttl_seconds: int = Field(14 * 86400, ge=60, le=90 * 86400)
