@@ -709,16 +709,23 @@ def delete_collection(
     gateway: GatewayOption = DEFAULT_GATEWAY,
     token: TokenOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="Wait until everything is removed and the name is free (--no-wait: return "
+            "once the collection is gone from answers)."
+        ),
+    ] = True,
 ) -> None:
     """Delete a collection, its items and their vectors."""
     if not yes:
         typer.confirm(f"Delete collection {name!r} and everything in it?", abort=True)
     with _client(gateway, token) as client:
         try:
-            deleted = client.delete_collection(name)
+            deletion = client.delete_collection(name, wait=wait)
         except GatewayError as exc:
             raise _problem(exc) from None
-    out.print_json(data=deleted)
+    out.print_json(data=deletion)
 
 
 @app.command()

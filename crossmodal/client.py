@@ -390,9 +390,17 @@ class GatewayClient:
             body["description"] = description
         return self.request("POST", "/collections", json=body).json()  # type: ignore[no-any-return]
 
-    def delete_collection(self, name: str) -> dict[str, Any]:
-        response = self.request("DELETE", f"/collections/{name}")
-        return response.json() if response.content else {"name": name}
+    def delete_collection(
+        self, name: str, *, wait: bool = True, timeout: float = 600.0
+    ) -> dict[str, Any]:
+        """Delete the collection: the deletion (a job; docs/metadata.md), followed until it is
+        ``done`` (its name free again) unless ``wait`` is false or ``timeout`` passes."""
+        deletion: dict[str, Any] = self.request("DELETE", f"/collections/{name}").json()
+        deadline = time.monotonic() + timeout
+        while wait and deletion["state"] != "done" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            deletion = self.request("GET", f"/deletions/{deletion['id']}").json()
+        return deletion
 
 
 # --- the token store ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.gateway import admin
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache
+from services.gateway.maintenance import Maintenance
 from services.gateway.openapi import SECURED, install_openapi, links, problems
 from services.gateway.orchestrator import Backends, Orchestrator, SearchResult
 from services.gateway.ratelimit import RateLimiter
@@ -59,7 +60,7 @@ from shared.contracts.feature import FeatureClient
 from shared.contracts.filters import component_schema
 from shared.contracts.metadata import (
     CollectionCreate,
-    CollectionDeleted,
+    CollectionDeletion,
     CollectionOut,
     CollectionsOut,
     HashesOut,
@@ -249,12 +250,21 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
             async with asyncio.timeout(3.0):
                 await revocations.poll()
         poller = asyncio.create_task(revocations.run(), name="revocation-poller")
+        maintenance = asyncio.create_task(
+            Maintenance(
+                state.orchestrator,
+                backends.metadata,
+                interval_seconds=settings.maintenance_interval_seconds,
+            ).run(),
+            name="maintenance",
+        )
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for task in (poller, maintenance):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await models.aclose()
             await tokens.aclose()
             await feed.aclose()
@@ -645,14 +655,36 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.delete(
         "/collections/{collection}",
         tags=["collections"],
-        response_model=CollectionDeleted,
+        status_code=202,
+        response_model=CollectionDeletion,
         responses=problems(*SECURED, 404),
-        summary="Delete a collection, its items and their vectors. Scope admin.",
+        summary="Delete a collection, its items and their vectors: gone from every answer at "
+        "once, removed in the background (GET /deletions/{id} follows it). Scope admin.",
     )
     async def delete_collection(
-        collection: CollectionName, state: State, _: Annotated[Principal, require("admin")]
-    ) -> dict[str, Any]:
-        return await state.orchestrator.delete_collection(collection)
+        collection: CollectionName,
+        state: State,
+        response: Response,
+        _: Annotated[Principal, require("admin")],
+    ) -> CollectionDeletion:
+        deletion = await state.orchestrator.delete_collection(collection)
+        response.headers["Location"] = f"/deletions/{deletion.id}"
+        return deletion
+
+    @app.get(
+        "/deletions/{deletion_id}",
+        tags=["collections"],
+        response_model=CollectionDeletion,
+        responses=problems(*SECURED, 404),
+        summary="A collection deletion: dropping (its vectors), purging (its items and images), "
+        "done (the name is free). Scope admin.",
+    )
+    async def get_deletion(
+        deletion_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+        state: State,
+        _: Annotated[Principal, require("admin")],
+    ) -> CollectionDeletion:
+        return await state.backends.metadata.deletion(deletion_id)
 
     @app.post(
         "/collections/{collection}/hashes",

@@ -20,6 +20,7 @@ from services.gateway.ratelimit import Charge
 from services.gateway.schemas import Filters, SearchMode, Target
 from shared.contracts.feature import FeatureClient
 from shared.contracts.metadata import (
+    CollectionDeletion,
     FilterRequest,
     HitsRequest,
     ItemForm,
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 
 # Candidates taken from each ranking before a hybrid search fuses them.
 HYBRID_CANDIDATES = 100
-# Ids per retrieval delete call when a whole collection goes (retrieval's max_batch).
-_DELETE_CHUNK = 4096
-
 Embed = Callable[[], Awaitable[tuple[np.ndarray, str]]]
 
 
@@ -455,38 +453,33 @@ class Orchestrator:
 
     # -- collections ------------------------------------------------------------------------
 
-    async def delete_collection(self, collection: str) -> dict[str, Any]:
-        """Metadata first (results are resolved through it, so the collection disappears from
-        answers at once), then its vectors in chunks; reconcile removes any a failure leaves."""
-        image_ids: list[int] = []
-        caption_ids: list[int] = []
-        after: int | None = None
-        while True:
-            page = await self.backends.metadata.item_states(collection, after=after, limit=10_000)
-            for state in page.items:
-                image_ids.append(state.id)
-                caption_ids.extend(state.caption_ids)
-            after = page.next_after
-            if after is None:
-                break
-        deleted = await self.backends.metadata.delete_collection(collection)
+    async def delete_collection(self, collection: str) -> CollectionDeletion:
+        """Start the collection's deletion: metadata hides it at once (every answer is a 404
+        from then on) and its cached pages become unreachable; then its vectors are dropped and
+        metadata purges its rows in the background. A failure after the start leaves the
+        deletion ``dropping``, which ``finish_deletion`` completes later (``Maintenance``)."""
+        deletion = await self.backends.metadata.delete_collection(collection)
         await self.cache.bump(collection)
-        modalities: tuple[tuple[Target, list[int]], ...] = (
-            ("image", image_ids),
-            ("text", caption_ids),
-        )
-        for modality, ids in modalities:
-            for start in range(0, len(ids), _DELETE_CHUNK):
-                chunk = ids[start : start + _DELETE_CHUNK]
-                try:
-                    await self.backends.retrieval.delete(
-                        collection, DeleteRequest(ids=chunk, modality=modality)
-                    )
-                except ProblemError as exc:
-                    if exc.code == "collection_not_found":  # never had vectors
-                        break
-                    raise
-        return deleted.model_dump(mode="json")
+        try:
+            return await self.finish_deletion(deletion)
+        except ProblemError as exc:
+            if exc.status < 500:
+                raise
+            log.warning(
+                "deletion %d of %s: vectors not dropped yet (%s); retried in the background",
+                deletion.id,
+                collection,
+                exc.code,
+            )
+            return deletion
+
+    async def finish_deletion(self, deletion: CollectionDeletion) -> CollectionDeletion:
+        """Drop a ``dropping`` deletion's vectors and report it to metadata, which then purges
+        the rows and frees the name. Safe to repeat, and to run from two places at once."""
+        if deletion.state != "dropping":
+            return deletion
+        await self.backends.retrieval.drop(deletion.collection)
+        return await self.backends.metadata.vectors_dropped(deletion.id)
 
 
 def public_item(item: ItemOut) -> dict[str, Any]:

@@ -93,6 +93,8 @@ class GatewaySettings(ServiceSettings):
     # The revocation list is polled from the auth service; past max staleness (auth away) the
     # fail-open settings below decide.
     revocation_poll_seconds: float = Field(2.0, gt=0, le=300)
+    # Background work (services/gateway/maintenance.py): collection deletions left unfinished.
+    maintenance_interval_seconds: float = Field(10.0, gt=0, le=3600)
     revocation_max_staleness_seconds: float = Field(60.0, gt=0, le=86400)
 
     # Token buckets in Redis: per principal and route scope, per client IP (every request with

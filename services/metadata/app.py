@@ -18,15 +18,18 @@ from starlette.concurrency import run_in_threadpool
 
 from services.metadata.db import make_engine, upgrade
 from services.metadata.images import ImageStore
+from services.metadata.purge import Purger
 from services.metadata.repository import Repository
 from services.metadata.settings import MetadataSettings
 from shared.app import build_app
 from shared.contracts.metadata import (
     CaptionsOut,
     CollectionCreate,
-    CollectionDeleted,
+    CollectionDeletion,
+    CollectionDeletionsOut,
     CollectionOut,
     CollectionsOut,
+    DeletionState,
     FilterOut,
     FilterRequest,
     HashesOut,
@@ -177,9 +180,30 @@ def get_collection(repo: Repo, collection: str) -> CollectionOut:
     return repo.get_collection(collection)
 
 
-@router.delete("/collections/{collection}", dependencies=[caller("metadata:write")])
-def delete_collection(repo: Repo, collection: str) -> CollectionDeleted:
+@router.delete(
+    "/collections/{collection}", status_code=202, dependencies=[caller("metadata:write")]
+)
+def delete_collection(repo: Repo, collection: str) -> CollectionDeletion:
+    """Start deleting the collection (or return the deletion under way): gone from every
+    answer at once; its rows go once the caller reports its vectors dropped."""
     return repo.delete_collection(collection)
+
+
+@router.get("/deletions", dependencies=[caller("metadata:read")])
+def list_deletions(repo: Repo, state: DeletionState) -> CollectionDeletionsOut:
+    return CollectionDeletionsOut(deletions=repo.deletions(state))
+
+
+@router.get("/deletions/{deletion_id}", dependencies=[caller("metadata:read")])
+def get_deletion(repo: Repo, deletion_id: int) -> CollectionDeletion:
+    return repo.deletion(deletion_id)
+
+
+@router.post("/deletions/{deletion_id}/vectors-dropped", dependencies=[caller("metadata:write")])
+def vectors_dropped(repo: Repo, request: Request, deletion_id: int) -> CollectionDeletion:
+    deletion = repo.vectors_dropped(deletion_id)
+    request.app.state.purger.wake()
+    return deletion
 
 
 @router.post("/collections/{collection}/filter", dependencies=[caller("metadata:read")])
@@ -242,7 +266,9 @@ def create_app(
             repository = Repository(engine, images, settings)
             await run_in_threadpool(repository.refresh_gauge)
             app.state.repository = repository
-            yield
+            async with Purger(repository, settings).running() as purger:
+                app.state.purger = purger
+                yield
         finally:
             engine.dispose()
 

@@ -71,6 +71,37 @@ class Collection(Base):
     )
     description: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Set while the collection is being deleted (its CollectionDeletion): hidden from every
+    # answer, its name kept until its rows are gone.
+    deletion_id: Mapped[int | None] = mapped_column(BigId)
+
+
+DELETION_STATES: Final = ("dropping", "purging", "done")
+
+
+class CollectionDeletion(Base):
+    """One deletion of a collection, a job in steps: ``dropping`` (the collection is hidden; its
+    vectors are the retrieval service's to drop, which the gateway confirms), ``purging`` (this
+    service deletes its items, captions and images in batches), ``done`` (the name is free)."""
+
+    __tablename__ = "collection_deletions"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ({})".format(", ".join(f"'{s}'" for s in DELETION_STATES)),
+            name="ck_collection_deletions_state",
+        ),
+        Index("ix_collection_deletions_state", "state"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    collection: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    items: Mapped[int] = mapped_column(Integer)  # when the deletion started
+    items_left: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Item(Base):

@@ -35,7 +35,15 @@ from services.metadata.images import (
     check_image,
     make_thumbnail,
 )
-from services.metadata.models import STATUSES, Caption, Collection, Item, ItemTag, utcnow
+from services.metadata.models import (
+    STATUSES,
+    Caption,
+    Collection,
+    CollectionDeletion,
+    Item,
+    ItemTag,
+    utcnow,
+)
 from services.metadata.settings import MetadataSettings
 from services.metadata.validation import (
     check_captions,
@@ -49,7 +57,6 @@ from shared.contracts.metadata import (
     CaptionOut,
     CaptionRef,
     CollectionCreate,
-    CollectionDeleted,
     CollectionOut,
     FilterOut,
     HashMatch,
@@ -59,6 +66,9 @@ from shared.contracts.metadata import (
     ItemStatesOut,
     KeywordHit,
     StatusCounts,
+)
+from shared.contracts.metadata import (
+    CollectionDeletion as CollectionDeletionOut,
 )
 from shared.problems import Conflict, NotFound, ProblemError
 
@@ -131,6 +141,15 @@ _INDEXED_ITEMS = select(
     Item.id.in_(bindparam("ids", expanding=True)),
     Item.collection == bindparam("collection"),
     Item.status == "indexed",
+    # Not of a collection being deleted: it is gone from answers from the deletion's start.
+    Item.collection.in_(
+        select(Collection.name).where(
+            Collection.name == bindparam("collection"), Collection.deletion_id.is_(None)
+        )
+    ),
+)
+_VISIBLE_COLLECTION = select(Collection.name).where(
+    Collection.name == bindparam("collection"), Collection.deletion_id.is_(None)
 )
 _ITEM_CAPTIONS = (
     select(Caption.item_id, Caption.id, Caption.text)
@@ -154,6 +173,28 @@ def item_not_found(item_id: int) -> NotFound:
 
 def collection_not_found(name: str) -> NotFound:
     return NotFound(f"collection {name[:80]!r} does not exist", code="collection_not_found")
+
+
+def collection_being_deleted(name: str) -> Conflict:
+    # Its name is free once its rows are gone: seconds for thousands of items.
+    return Conflict(
+        f"collection {name!r} is being deleted; its name is free once that is done",
+        code="collection_being_deleted",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _deletion_view(job: CollectionDeletion) -> CollectionDeletionOut:
+    return CollectionDeletionOut(
+        id=job.id,
+        collection=job.collection,
+        state=job.state,  # type: ignore[arg-type]
+        items=job.items,
+        items_left=job.items_left,
+        started_at=_utc(job.started_at),
+        updated_at=_utc(job.updated_at),
+        finished_at=_utc(job.finished_at) if job.finished_at else None,
+    )
 
 
 def _lock_key(*parts: str) -> int:
@@ -262,6 +303,8 @@ class Repository:
         # Written first: the transaction starts with a write, so SQLite takes its write lock up
         # front (waiting on busy_timeout): the duplicate check below cannot race another writer.
         session.execute(self._insert_collection(new.collection, now))
+        if session.scalar(select(Collection.deletion_id).where(Collection.name == new.collection)):
+            raise collection_being_deleted(new.collection)
         if self.dialect == "postgresql":
             # PostgreSQL: one upload of given bytes per collection at a time, across replicas.
             session.execute(
@@ -337,9 +380,14 @@ class Repository:
             raise item_not_found(item_id)
         with self._session() as session:
             item = session.get(Item, item_id)
-            if item is None:
+            if item is None or not self._visible(session, item.collection):
                 raise item_not_found(item_id)
             return _item_view(item)
+
+    @staticmethod
+    def _visible(session: Session, collection: str) -> bool:
+        """False for a collection being deleted: its items are gone from answers already."""
+        return session.execute(_VISIBLE_COLLECTION, {"collection": collection}).first() is not None
 
     def image(self, item_id: int, *, thumbnail: bool = False) -> StoredImage:
         """The stored original, or its thumbnail (made now if the item predates thumbnails or
@@ -348,8 +396,12 @@ class Repository:
             raise item_not_found(item_id)
         with self._session() as session:
             row = session.execute(
-                select(Item.image_sha256, Item.content_type).where(Item.id == item_id)
+                select(Item.image_sha256, Item.content_type, Item.collection).where(
+                    Item.id == item_id
+                )
             ).first()
+            if row is not None and not self._visible(session, row.collection):
+                row = None
         if row is None:
             raise item_not_found(item_id)
         sha256 = row.image_sha256
@@ -492,6 +544,12 @@ class Repository:
             else:
                 item_ids = wanted
             items = self._item_views(connection, collection, item_ids) if item_ids else {}
+            if (
+                not items
+                and connection.execute(_VISIBLE_COLLECTION, {"collection": collection}).first()
+                is None
+            ):
+                raise collection_not_found(collection)  # none, or one being deleted
         hits: list[dict[str, Any]]
         if target == "text":
             hits = [
@@ -548,7 +606,7 @@ class Repository:
 
     def _require_collection(self, session: Session, name: str) -> Collection:
         row = session.get(Collection, name) if is_collection_name(name) else None
-        if row is None:
+        if row is None or row.deletion_id is not None:  # one being deleted is gone already
             raise collection_not_found(name)
         return row
 
@@ -619,6 +677,10 @@ class Repository:
                 .returning(Collection.name)
             ).first()
         if created is None:
+            with self._session() as session:
+                existing = session.get(Collection, body.name)
+                if existing is not None and existing.deletion_id is not None:
+                    raise collection_being_deleted(body.name)
             raise Conflict(f"collection {body.name!r} already exists", code="collection_exists")
         self.refresh_gauge(body.name)
         return self.get_collection(body.name)
@@ -664,33 +726,134 @@ class Repository:
 
     def list_collections(self) -> list[CollectionOut]:
         with self._session() as session:
-            rows = list(session.scalars(select(Collection).order_by(Collection.name)))
+            rows = list(
+                session.scalars(
+                    select(Collection)
+                    .where(Collection.deletion_id.is_(None))
+                    .order_by(Collection.name)
+                )
+            )
             return self._describe(session, rows)
 
-    def delete_collection(self, name: str) -> CollectionDeleted:
-        """Delete a collection with its items, captions and tags, then the image files no other
-        collection uses. The vectors are the retrieval service's to drop."""
+    # --- collection deletion: a job (models.CollectionDeletion) -----------------------------
+
+    def delete_collection(self, name: str) -> CollectionDeletionOut:
+        """Start deleting the collection: from now on it is gone from every answer (404), its
+        name kept until its rows are. Returns the deletion, or the one already under way."""
+        now = utcnow()
         with self._session.begin() as session:
-            self._require_collection(session, name)
-            hashes = list(
-                session.scalars(select(Item.image_sha256).where(Item.collection == name).distinct())
+            row = (
+                session.get(Collection, name, with_for_update=self.dialect == "postgresql")
+                if is_collection_name(name)
+                else None
             )
-            captions = session.scalar(
-                select(func.count(Caption.id))
-                .join(Item, Item.id == Caption.item_id)
-                .where(Item.collection == name)
+            if row is None:
+                raise collection_not_found(name)
+            if row.deletion_id is not None:
+                job = session.get(CollectionDeletion, row.deletion_id)
+                assert job is not None
+                return _deletion_view(job)
+            items = session.scalar(select(func.count(Item.id)).where(Item.collection == name)) or 0
+            job = CollectionDeletion(
+                collection=name,
+                state="dropping",
+                items=items,
+                items_left=items,
+                started_at=now,
+                updated_at=now,
             )
-            items = session.execute(
-                delete(Item)
-                .where(Item.collection == name)
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-            session.execute(delete(Collection).where(Collection.name == name))
-        self._remove_unused_images(hashes)
+            session.add(job)
+            session.flush()
+            row.deletion_id = job.id
+            view = _deletion_view(job)
         for status in STATUSES:
             with contextlib.suppress(KeyError):  # a label never set on this replica
                 ITEMS.remove(name, status)
-        return CollectionDeleted(name=name, deleted_items=items, deleted_captions=captions or 0)
+        log.info("deletion %d of collection %s started (%d items)", view.id, name, items)
+        return view
+
+    def deletion(self, deletion_id: int) -> CollectionDeletionOut:
+        with self._session() as session:
+            job = session.get(CollectionDeletion, deletion_id) if _is_int64(deletion_id) else None
+            if job is None:
+                raise NotFound(f"no deletion {deletion_id}", code="deletion_not_found")
+            return _deletion_view(job)
+
+    def deletions(self, state: str) -> list[CollectionDeletionOut]:
+        with self._session() as session:
+            jobs = session.scalars(
+                select(CollectionDeletion)
+                .where(CollectionDeletion.state == state)
+                .order_by(CollectionDeletion.id)
+            )
+            return [_deletion_view(job) for job in jobs]
+
+    def vectors_dropped(self, deletion_id: int) -> CollectionDeletionOut:
+        """The retrieval service dropped the collection's vectors: its rows may go now."""
+        with self._session.begin() as session:
+            job = session.get(
+                CollectionDeletion, deletion_id, with_for_update=self.dialect == "postgresql"
+            )
+            if job is None:
+                raise NotFound(f"no deletion {deletion_id}", code="deletion_not_found")
+            if job.state == "dropping":
+                job.state = "purging"
+                job.updated_at = utcnow()
+            return _deletion_view(job)
+
+    def purge_step(self, deletion_id: int, batch: int) -> bool:
+        """Remove one batch of a purging deletion's items (their captions and tags go by ON
+        DELETE CASCADE) and the image files nothing else uses; once none is left, the collection
+        row, which frees its name. False when the deletion is done (or not purging).
+
+        Files go before rows: a crash in between leaves rows of a hidden collection, which the
+        next step removes, never a file that nothing names."""
+        with self._session() as session:
+            job = session.get(CollectionDeletion, deletion_id)
+            if job is None or job.state != "purging":
+                return False
+            name = job.collection
+            rows = session.execute(
+                select(Item.id, Item.image_sha256)
+                .where(Item.collection == name)
+                .order_by(Item.id)
+                .limit(batch)
+            ).all()
+        for sha256 in sorted({sha for _, sha in rows}):
+            with self.images.lock(sha256), self._session() as session:
+                elsewhere = session.scalar(
+                    select(Item.id)
+                    .where(Item.image_sha256 == sha256, Item.collection != name)
+                    .limit(1)
+                )
+                if elsewhere is None:
+                    self.images.remove(sha256)
+        now = utcnow()
+        with self._session.begin() as session:
+            job = session.get(
+                CollectionDeletion, deletion_id, with_for_update=self.dialect == "postgresql"
+            )
+            if job is None or job.state != "purging":
+                return False
+            if rows:
+                session.execute(
+                    delete(Item)
+                    .where(Item.id.in_([item_id for item_id, _ in rows]))
+                    .execution_options(synchronize_session=False)
+                )
+                job.items_left = (
+                    session.scalar(select(func.count(Item.id)).where(Item.collection == name)) or 0
+                )
+                job.updated_at = now
+                return True
+            session.execute(
+                delete(Collection).where(
+                    Collection.name == name, Collection.deletion_id == deletion_id
+                )
+            )
+            job.state, job.items_left, job.updated_at, job.finished_at = "done", 0, now, now
+        log.info("deletion %d of collection %s done", deletion_id, name)
+        return False
 
     # --- ingestion state: what reconcile and resuming clients ask --------------------------
 
@@ -753,7 +916,7 @@ class Repository:
         """Set ``metadata_items`` from the database for one collection, or all of them."""
         try:
             with self._session() as session:
-                names_query = select(Collection.name)
+                names_query = select(Collection.name).where(Collection.deletion_id.is_(None))
                 counts_query = select(Item.collection, Item.status, func.count(Item.id)).group_by(
                     Item.collection, Item.status
                 )

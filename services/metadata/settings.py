@@ -24,3 +24,7 @@ class MetadataSettings(InternalServiceSettings):
     max_caption_chars: int = Field(1000, ge=1)
     # Longer side of the thumbnails made at ingest (GET /items/{id}/image?size=thumb).
     thumbnail_size: int = Field(256, ge=16, le=2048)
+    # Collection deletions: items removed per transaction, and how often this service looks
+    # for deletions to purge (a restart, or another replica's, resumes them within that).
+    purge_batch: int = Field(500, ge=1, le=10_000)
+    purge_poll_seconds: float = Field(5.0, gt=0, le=3600)

@@ -35,6 +35,7 @@ from shared.collections import COLLECTION_NAME_PATTERN
 from shared.contracts.retrieval import (
     BINARY_IDS,
     INT64_MAX,
+    CollectionDropped,
     CollectionInfo,
     CollectionList,
     CollectionSettings,
@@ -379,6 +380,19 @@ def create_app(
         page = ids[start : start + limit]
         more = start + limit < len(ids)
         return IdPage(ids=page.tolist(), next_after=int(page[-1]) if more and len(page) else None)
+
+    @app.delete(
+        "/collections/{collection}",
+        response_model=CollectionDropped,
+        dependencies=[caller("retrieval:write")],
+    )
+    async def drop_collection(collection: CollectionName, store: StoreDep) -> CollectionDropped:
+        """Remove the collection and every vector in it; answers the same whether it existed
+        or not, so that a deletion can be repeated until it is known to be done."""
+        dropped = await run_in_threadpool(store.drop, collection)
+        if dropped:
+            log.info("collection %s dropped", collection)
+        return CollectionDropped(name=collection, dropped=dropped)
 
     @app.get("/collections", response_model=CollectionList, dependencies=[caller("retrieval:read")])
     async def list_collections(store: StoreDep) -> CollectionList:

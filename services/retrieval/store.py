@@ -16,6 +16,7 @@ import queue
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,22 @@ class Store:
         if update and not created and spec is not None:
             collection.update_spec(spec)
         return collection, created
+
+    def drop(self, name: str) -> bool:
+        """Remove the collection with all its vectors; False when there is none. The directory
+        is renamed aside at once (the drop is durable then: a crash before the files are gone
+        leaves a temporary name, removed by the next load) and deleted afterwards. A write that
+        raced the drop fails with CollectionUnavailable; one after it creates a new collection."""
+        with self._lock:
+            collection = self._collections.pop(name, None)
+        if collection is None:
+            return False
+        collection.close(snapshot=False)
+        trash = self.root / f"{TMP_PREFIX}dropped-{name}-{uuid.uuid4().hex}"
+        os.replace(collection.path, trash)
+        wal.fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
 
     def upsert(
         self, name: str, modality: str, model_id: str, ids: np.ndarray, vectors: np.ndarray

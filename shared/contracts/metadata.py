@@ -118,10 +118,26 @@ class CollectionCreate(BaseModel):
     description: str | None = Field(None, max_length=2000)
 
 
-class CollectionDeleted(BaseModel):
-    name: str
-    deleted_items: int
-    deleted_captions: int
+DeletionState = Literal["dropping", "purging", "done"]
+
+
+class CollectionDeletion(BaseModel):
+    """A collection's deletion, a job: the collection is gone from every answer from its start;
+    ``dropping`` waits for its vectors to be dropped (the gateway's step), ``purging`` removes
+    its items, captions and images in batches, ``done`` frees the name."""
+
+    id: int
+    collection: str
+    state: DeletionState
+    items: int = Field(description="items of the collection when the deletion started")
+    items_left: int = Field(description="items not removed yet")
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class CollectionDeletionsOut(BaseModel):
+    deletions: list[CollectionDeletion]
 
 
 class StatusUpdate(BaseModel):
@@ -334,6 +350,22 @@ class MetadataClient(ServiceApi):
         raw = await self.post_json(f"/collections/{collection}/hashes", request, retry=True)
         return HashesOut.model_validate_json(raw)
 
-    async def delete_collection(self, collection: str) -> CollectionDeleted:
-        response = await self.http.request("DELETE", f"/collections/{collection}")
-        return CollectionDeleted.model_validate_json(response.content)
+    async def delete_collection(self, collection: str) -> CollectionDeletion:
+        """Start the collection's deletion, or return the one under way (safe to repeat)."""
+        response = await self.http.request("DELETE", f"/collections/{collection}", retry=True)
+        return CollectionDeletion.model_validate_json(response.content)
+
+    async def deletion(self, deletion_id: int) -> CollectionDeletion:
+        response = await self.http.request("GET", f"/deletions/{deletion_id}")
+        return CollectionDeletion.model_validate_json(response.content)
+
+    async def deletions(self, state: DeletionState) -> CollectionDeletionsOut:
+        response = await self.http.request("GET", "/deletions", params={"state": state})
+        return CollectionDeletionsOut.model_validate_json(response.content)
+
+    async def vectors_dropped(self, deletion_id: int) -> CollectionDeletion:
+        """The deletion's vectors are gone: its rows may go (safe to repeat)."""
+        response = await self.http.request(
+            "POST", f"/deletions/{deletion_id}/vectors-dropped", retry=True
+        )
+        return CollectionDeletion.model_validate_json(response.content)

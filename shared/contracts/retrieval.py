@@ -165,6 +165,11 @@ class IdPage(BaseModel):
     next_after: int | None = Field(description="pass as `after` for the next page; null: done")
 
 
+class CollectionDropped(BaseModel):
+    name: str
+    dropped: bool = Field(description="false: there was no such collection (nothing to do)")
+
+
 class RetrievalClient(ServiceApi):
     """The retrieval service as its callers see it: every call returns a parsed answer or
     raises the service's problem (``ProblemError``)."""
@@ -183,6 +188,11 @@ class RetrievalClient(ServiceApi):
         # Deleting what is gone deletes nothing.
         raw = await self.post_json(f"/collections/{collection}/delete", request, retry=True)
         return DeleteResponse.model_validate_json(raw)
+
+    async def drop(self, collection: str) -> CollectionDropped:
+        # Dropping what is gone drops nothing: safe to repeat.
+        response = await self.http.request("DELETE", f"/collections/{collection}", retry=True)
+        return CollectionDropped.model_validate_json(response.content)
 
     async def collection(self, collection: str) -> CollectionInfo | None:
         """The collection's settings and counts; None when it has no vectors yet."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,3 +122,20 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str
     assert body["code"] == code, body
     assert body["detail"]
     return body
+
+
+def delete_collection(
+    gateway: httpx.Client, auth: dict[str, str], name: str, *, timeout: float = 120.0
+) -> dict[str, Any]:
+    """DELETE the collection and follow its deletion until ``done`` (its name free again)."""
+    response = gateway.delete(f"/collections/{name}", headers=auth)
+    assert response.status_code == 202, response.text
+    deletion: dict[str, Any] = response.json()
+    deadline = time.monotonic() + timeout
+    while deletion["state"] != "done":
+        assert time.monotonic() < deadline, deletion
+        time.sleep(0.1)
+        followed = gateway.get(f"/deletions/{deletion['id']}", headers=auth)
+        assert followed.status_code == 200, followed.text
+        deletion = followed.json()
+    return deletion

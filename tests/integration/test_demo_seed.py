@@ -16,7 +16,13 @@ import pytest
 from crossmodal.cli import DEMO_COLLECTION, seed_demo_collection
 from crossmodal.demo.emoji import Emoji, demo_set, render
 from crossmodal.stack import LocalStack
-from tests.integration.support import bearer, gateway_client, png_bytes, running_stack
+from tests.integration.support import (
+    bearer,
+    delete_collection,
+    gateway_client,
+    png_bytes,
+    running_stack,
+)
 
 EXAMPLES = {"pizza": "🍕", "crying face": "😢", "red heart": "❤️"}
 
@@ -85,7 +91,7 @@ def test_a_demo_collection_of_another_model_is_indexed_again(
 ) -> None:
     # What an older `var/` holds after the demo model changed: the collection claimed by
     # another model, whose vectors this one cannot search.
-    emoji_gateway.delete(f"/collections/{DEMO_COLLECTION}", headers=emoji_auth)
+    delete_collection(emoji_gateway, emoji_auth, DEMO_COLLECTION)
     created = emoji_gateway.post(
         "/collections",
         headers=emoji_auth,

@@ -41,7 +41,7 @@ def _answer(app: FastAPI, method: str, path: str) -> dict[str, Any]:
     """The JSON schema of the route's success answer, from the service's OpenAPI document."""
     document = app.openapi()
     operation = document["paths"][path][method.lower()]
-    status = next(s for s in ("200", "201") if s in operation["responses"])
+    status = next(s for s in ("200", "201", "202") if s in operation["responses"])
     ref = operation["responses"][status]["content"]["application/json"]["schema"]["$ref"]
     return document["components"]["schemas"][ref.rsplit("/", 1)[-1]]  # type: ignore[no-any-return]
 
@@ -66,7 +66,16 @@ def _fields(schema: dict[str, Any]) -> tuple[str, list[str], list[str]]:
         (metadata_app, "POST", "/collections/{collection}/filter", metadata.FilterOut),
         (metadata_app, "GET", "/collections/{collection}/items", metadata.ItemStatesOut),
         (metadata_app, "POST", "/collections", metadata.CollectionOut),
-        (metadata_app, "DELETE", "/collections/{collection}", metadata.CollectionDeleted),
+        (retrieval_app, "DELETE", "/collections/{collection}", retrieval.CollectionDropped),
+        (metadata_app, "DELETE", "/collections/{collection}", metadata.CollectionDeletion),
+        (metadata_app, "GET", "/deletions/{deletion_id}", metadata.CollectionDeletion),
+        (metadata_app, "GET", "/deletions", metadata.CollectionDeletionsOut),
+        (
+            metadata_app,
+            "POST",
+            "/deletions/{deletion_id}/vectors-dropped",
+            metadata.CollectionDeletion,
+        ),
         (feature_app, "POST", "/embed/text", feature.TextEmbeddings),
         (feature_app, "POST", "/embed/image", feature.ImageEmbeddings),
         (feature_app, "GET", "/model", feature.ModelInfo),

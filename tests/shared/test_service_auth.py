@@ -38,7 +38,7 @@ AUTH_OPEN = {
     ("get", "/.well-known/jwks.json"): "public keys",
 }
 AUTH_ADMIN_PREFIX = "/admin/"  # an admin user's own token (services/auth/admin_api.py)
-SAMPLE_PARAMETERS = {"collection": "c", "item_id": "1", "name": "someone"}
+SAMPLE_PARAMETERS = {"collection": "c", "item_id": "1", "name": "someone", "deletion_id": "1"}
 
 
 @pytest.fixture(scope="module")

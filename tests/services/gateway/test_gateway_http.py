@@ -32,6 +32,7 @@ PUBLIC_ROUTES = {
     ("get", "/collections/{collection}"): "items:read",
     ("post", "/collections"): "admin",
     ("delete", "/collections/{collection}"): "admin",
+    ("get", "/deletions/{deletion_id}"): "admin",
     ("post", "/collections/{collection}/hashes"): "items:write",
     ("get", "/admin/principals"): "admin",
     ("post", "/admin/principals"): "admin",

@@ -60,7 +60,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     try:
         with engine.begin() as connection:
             connection.execute(
-                text("TRUNCATE item_tags, captions, items, collections RESTART IDENTITY")
+                text(
+                    "TRUNCATE item_tags, captions, items, collections, collection_deletions "
+                    "RESTART IDENTITY"
+                )
             )
     finally:
         engine.dispose()
@@ -75,6 +78,8 @@ def settings(database_url: str, tmp_path: Path) -> MetadataSettings:
         max_image_bytes=64 * 1024,
         max_captions=4,
         max_caption_chars=50,
+        # Purges run when a deletion's vectors are reported dropped, or when a test asks.
+        purge_poll_seconds=3600,
     )
 
 

@@ -30,7 +30,7 @@ from services.metadata.db import (
 from services.metadata.models import Base
 from tests.services.metadata.conftest import POSTGRES_URL
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,7 +13,7 @@ from sqlalchemy import event, text
 
 from services.metadata.db import SQLITE_POOL_SIZE, make_engine
 from shared.contracts.metadata import CaptionOut, Hit, HitsOut, ItemOut
-from tests.services.metadata.support import create, create_indexed
+from tests.services.metadata.support import assert_problem, create, create_indexed
 
 
 def _expected(client: TestClient, hits: list[tuple[int, dict[str, Any] | None, int]]) -> bytes:
@@ -104,8 +104,9 @@ def test_hits_leave_out_what_a_search_must_not_show(client: TestClient) -> None:
             )
             assert response.status_code == 200
             assert response.json() == {"hits": []}
+    # A collection that does not exist (or is being deleted) is not an empty one.
     missing = client.post("/collections/nowhere/hits", json={"target": "image", "ids": ids})
-    assert missing.json() == {"hits": []}
+    assert_problem(missing, 404, "collection_not_found")
 
 
 def test_sqlite_keeps_a_connection_per_worker_thread(tmp_path: Path) -> None:

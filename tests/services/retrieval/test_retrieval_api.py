@@ -527,3 +527,50 @@ def test_state_metrics(tmp_path: Path, unit_vectors: MakeVectors) -> None:
         text = c.get("/metrics").text
         assert "retrieval_snapshot_age_seconds" in text
         assert 'retrieval_snapshot_age_seconds{collection="state-c"}' not in text
+
+
+def test_a_dropped_collection_is_gone_and_its_name_starts_afresh(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    vectors = unit_vectors(4, DIM)
+    app = create_app(settings_for(tmp_path), token_keys=KEYS)
+    with TestClient(app, headers=service_headers("retrieval")) as c:
+        wait_ready(c)
+        upsert(c, "c", [1, 2, 3], vectors[:3])
+        upsert(c, "keep", [1], vectors[:1])
+        assert c.delete("/collections/c").json() == {"name": "c", "dropped": True}
+        assert_problem(c.get("/collections/c"), 404, "collection_not_found")
+        assert_problem(search(c, "c", vectors[:1]), 404, "collection_not_found")
+        # Repeating a drop is harmless: a deletion can be retried until it is known done.
+        assert c.delete("/collections/c").json() == {"name": "c", "dropped": False}
+        # The name starts afresh: none of the old vectors come back.
+        upsert(c, "c", [9], vectors[3:])
+        assert [h["id"] for h in search(c, "c", vectors, top_k=4).json()["results"][0]] == [9]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "c",
+        "keep",
+    ]
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
+        wait_ready(c)
+        assert c.get("/collections/c").json()["counts"] == {"image": 1, "text": 0}
+        assert c.get("/collections/keep").json()["counts"] == {"image": 1, "text": 0}
+
+
+def test_a_drop_cut_short_by_a_crash_is_finished_at_the_next_start(
+    tmp_path: Path, unit_vectors: MakeVectors
+) -> None:
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
+        wait_ready(c)
+        upsert(c, "c", [1, 2], unit_vectors(2, DIM))
+    # What a crash between the rename and the removal leaves: the files under a temporary name.
+    (tmp_path / "c").rename(tmp_path / ".tmp-dropped-c-0123")
+    with TestClient(
+        create_app(settings_for(tmp_path), token_keys=KEYS), headers=service_headers("retrieval")
+    ) as c:
+        wait_ready(c)
+        assert_problem(c.get("/collections/c"), 404, "collection_not_found")
+    assert not (tmp_path / ".tmp-dropped-c-0123").exists()
