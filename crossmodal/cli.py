@@ -52,7 +52,7 @@ from crossmodal.stack import LocalStack
 
 if TYPE_CHECKING:
     from crossmodal.demo.emoji import Emoji
-    from crossmodal.reconcile import DriftReport, RepairReport
+    from shared.reconcile import DriftReport, RepairReport
 
 DEMO_COLLECTION = "demo"
 DEMO_USER = ("demo", "demo-password")
@@ -769,11 +769,12 @@ def reconcile(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Find drift between metadata and retrieval (an operator tool: internal service URLs)."""
-    from crossmodal.reconcile import ReconcileError, Reconciler
+    from crossmodal.reconcile import connect
     from services.gateway.cache import invalidate
+    from shared.reconcile import ReconcileError
 
     async def run() -> tuple[DriftReport, RepairReport | None]:
-        async with Reconciler.connect(
+        async with connect(
             metadata_url=metadata_url,
             retrieval_url=retrieval_url,
             feature_url=feature_url,

@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from crossmodal import reconcile as reconcile_module
-from crossmodal.reconcile import MetadataIds, Reconciler, diff, reconcile
 from services.auth.app import create_app as create_auth_app
 from services.retrieval.app import create_app
 from services.retrieval.settings import RetrievalSettings
@@ -39,6 +38,7 @@ from shared.contracts.metadata import (
 )
 from shared.contracts.retrieval import RetrievalClient
 from shared.http import ServiceClient
+from shared.reconcile import MetadataIds, Reconciler, diff, reconcile
 from tests.lent import Lent
 from tests.service_tokens import KEYS, auth_settings, service_headers
 
