@@ -169,6 +169,7 @@ class ItemInfo:
     status: str
     caption_ids: tuple[int, ...]
     updated_at: datetime
+    attempts: int = 0  # failed indexing attempts so far
 
 
 @dataclass
@@ -240,7 +241,8 @@ class Reconciler:
             async with _failing(f"metadata items of {collection!r}"):
                 page = await self.metadata.item_states(collection, after=after, limit=5000)
             items.extend(
-                ItemInfo(s.id, s.status, tuple(s.caption_ids), s.updated_at) for s in page.items
+                ItemInfo(s.id, s.status, tuple(s.caption_ids), s.updated_at, s.attempts)
+                for s in page.items
             )
             after = page.next_after
             if after is None:
@@ -307,12 +309,29 @@ class Reconciler:
 
     # --- repair ---------------------------------------------------------------------------
 
-    async def repair(self, report: DriftReport, *, retry_failed: bool = False) -> RepairReport:
+    async def repair(
+        self,
+        report: DriftReport,
+        *,
+        retry_failed: bool = False,
+        retry_failed_below: int | None = None,
+        limit: int | None = None,
+    ) -> RepairReport:
+        """Repair what ``report`` found. Failed items are indexed again with ``retry_failed``,
+        or those failed fewer than ``retry_failed_below`` times; at most ``limit`` items are
+        indexed again in one call (the rest wait for the next), vectors are always deleted."""
         result = RepairReport()
         collection = report.collection
         reindex = list(dict.fromkeys(report.missing + report.stuck))
-        if retry_failed:
-            reindex += [i for i in report.failed if i not in reindex]
+        if retry_failed or retry_failed_below is not None:
+            reindex += [
+                i
+                for i in report.failed
+                if i not in reindex
+                and (retry_failed or report.items[i].attempts < (retry_failed_below or 0))
+            ]
+        if limit is not None:
+            reindex = reindex[:limit]
         # Stale vectors first: an item about to be indexed again gets fresh ones anyway.
         for item_id in report.stale:
             if item_id in reindex and self.feature is not None:

@@ -56,7 +56,8 @@ CALLERS: dict[str, dict[str, frozenset[str]]] = {
     "gateway": {
         "auth": frozenset({"auth:revocations"}),
         "feature": frozenset({"feature:embed"}),
-        "retrieval": frozenset({"retrieval:search", "retrieval:write"}),
+        # retrieval:read: the drift repair of its background maintenance lists vector ids.
+        "retrieval": frozenset({"retrieval:search", "retrieval:read", "retrieval:write"}),
         "metadata": frozenset({"metadata:read", "metadata:write"}),
     },
     # crossmodal reconcile, and the operator tools of a local stack.

@@ -251,11 +251,7 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
                 await revocations.poll()
         poller = asyncio.create_task(revocations.run(), name="revocation-poller")
         maintenance = asyncio.create_task(
-            Maintenance(
-                state.orchestrator,
-                backends.metadata,
-                interval_seconds=settings.maintenance_interval_seconds,
-            ).run(),
+            Maintenance(state.orchestrator, redis, settings).run(),
             name="maintenance",
         )
         try:

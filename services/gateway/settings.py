@@ -93,8 +93,17 @@ class GatewaySettings(ServiceSettings):
     # The revocation list is polled from the auth service; past max staleness (auth away) the
     # fail-open settings below decide.
     revocation_poll_seconds: float = Field(2.0, gt=0, le=300)
-    # Background work (services/gateway/maintenance.py): collection deletions left unfinished.
+    # Background work (services/gateway/maintenance.py): collection deletions left unfinished,
+    # every maintenance_interval_seconds; drift between metadata and retrieval repaired, every
+    # reconcile_interval_seconds (0: never) by one replica, at most reconcile_max_items items
+    # indexed again per collection and round; pending items older than reconcile_stuck_seconds
+    # are stuck, failed items are retried while they failed fewer than reconcile_retry_attempts
+    # times.
     maintenance_interval_seconds: float = Field(10.0, gt=0, le=3600)
+    reconcile_interval_seconds: float = Field(300.0, ge=0, le=86400)
+    reconcile_stuck_seconds: float = Field(600.0, gt=0, le=86400)
+    reconcile_max_items: int = Field(100, ge=1, le=10_000)
+    reconcile_retry_attempts: int = Field(3, ge=0, le=100)
     revocation_max_staleness_seconds: float = Field(60.0, gt=0, le=86400)
 
     # Token buckets in Redis: per principal and route scope, per client IP (every request with

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from services.auth.app import create_app as auth_app
 from services.retrieval.app import create_app as retrieval_app
 from services.retrieval.settings import RetrievalSettings
-from shared.contracts.retrieval import RetrievalClient
+from shared.contracts.retrieval import RetrievalClient, SearchRequest
 from shared.http import ServiceClient
 from shared.problems import ProblemError, ServiceUnavailable
 from shared.service_auth import DEVELOPMENT_CLIENT_SECRETS
@@ -98,7 +98,7 @@ async def test_one_fetch_serves_every_waiting_request_and_is_reused(
     assert auth_transport.token_requests == 1
     claims = jwt.decode(values[0], options={"verify_signature": False})
     assert (claims["sub"], claims["aud"]) == ("gateway", "crossmodal:retrieval")
-    assert claims["scope"].split() == ["retrieval:search", "retrieval:write"]
+    assert claims["scope"].split() == ["retrieval:read", "retrieval:search", "retrieval:write"]
     assert claims["exp"] - claims["iat"] == TTL
     # Each service has its own token.
     feature = await held.token("feature")
@@ -191,10 +191,7 @@ async def test_a_service_client_calls_the_real_service_with_its_token(
                 credentials=held.credentials("retrieval"),
             )
         )
-        # The gateway's token has no retrieval:read: the refusal is a 503, not the user's 403.
-        with pytest.raises(ServiceUnavailable) as raised:
-            await client.collections()
-        assert raised.value.code == "retrieval_error" and "retrieval:read" in raised.value.detail
+        assert (await client.collections()).collections == []
         reconcile = ServiceTokens(auth_client, "reconcile", DEVELOPMENT_CLIENT_SECRETS["reconcile"])
         operator = RetrievalClient(
             ServiceClient(
@@ -205,6 +202,12 @@ async def test_a_service_client_calls_the_real_service_with_its_token(
             )
         )
         assert (await operator.collections()).collections == []
+        # The operator tools' token has no retrieval:search: the refusal is a 503 (this
+        # deployment's fault), not the user's 403.
+        query = SearchRequest(modality="image", vectors=[[1.0, 0.0]], top_k=1)
+        with pytest.raises(ServiceUnavailable) as raised:
+            await operator.search("c", query)
+        assert raised.value.code == "retrieval_error" and "retrieval:search" in raised.value.detail
         for api in (plain, client, operator):
             await api.aclose()
         await reconcile.aclose()
