@@ -26,9 +26,11 @@ INDEX_FACTORY = re.compile(r"^[A-Za-z0-9_,.=x-]{1,128}$")
 # showing it must never run ``javascript:`` or ``data:`` nor open a ``file:`` path.
 SOURCE_URI_SCHEMES = ("http", "https", "s3", "gs")
 # The rule as a pattern, valid in JSON Schema (ECMAScript) as in Python: one of the schemes in any
-# letter case, "://", a host without user or password, then printable characters only.
+# letter case, "://", a host without user or password, then printable characters only. The host
+# holds no white space (nor a C1 control, some of which Python counts as space), so that white
+# space around a URI the pattern accepts can be trimmed and leave a URI it accepts.
 SOURCE_URI_PATTERN = (
-    r"^\s*([Hh][Tt][Tt][Pp][Ss]?|[Ss]3|[Gg][Ss])://[^\x00-\x20\x7f/?#@]+"
+    r"^\s*([Hh][Tt][Tt][Pp][Ss]?|[Ss]3|[Gg][Ss])://[^\s\x00-\x20\x7f-\x9f/?#@]+"
     r"([/?#][^\x00-\x1f\x7f]*)?\s*$"
 )
 

@@ -387,6 +387,7 @@ def test_tags_are_trimmed_and_deduplicated(client: TestClient) -> None:
         "s3://bucket/key/a.png",
         "gs://bucket/a.png",
         "https://example.com/@someone/a.png",  # an @ in the path is no credential
+        "\u3000https://example.com/a.png\u00a0",  # Unicode white space is trimmed too
     ],
 )
 def test_source_uri_keeps_links_a_reader_may_follow(client: TestClient, uri: str) -> None:
@@ -412,6 +413,10 @@ def test_source_uri_keeps_links_a_reader_may_follow(client: TestClient, uri: str
         "https://exa mple.com/a.png",
         "https://example.com/a\x00.png",
         "https://example.com/a\n.png",
+        # White space in the host: none could be told from the space trimmed around the URI.
+        "\x0b s3://\u00a0\n\x0c",
+        "https://exa\u3000mple.com/a.png",
+        "https://example.com\x85/a.png",
         "https://" + "x" * 2041,
     ],
 )
