@@ -136,6 +136,36 @@ class StatusUpdate(BaseModel):
     error: str | None = Field(None, max_length=4000, description="with failed: the reason")
 
 
+class ItemMerge(BaseModel):
+    """What ``POST /items/{id}/merge`` adds to an indexed item (docs/metadata.md, "Duplicates")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    captions: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttributeConflict(BaseModel):
+    key: str
+    kept: Any = Field(description="the item's value, which stays")
+    offered: Any = Field(description="the value the merge brought, not taken")
+
+
+class ItemMerged(BaseModel):
+    item: ItemOut
+    added_captions: list[CaptionOut] = Field(description="new captions, in the order given")
+    added_tags: list[str]
+    added_attributes: list[str] = Field(description="keys the item did not have")
+    conflicts: list[AttributeConflict] = Field(
+        description="keys the item has with another value: its own value is kept"
+    )
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added_captions or self.added_tags or self.added_attributes)
+
+
 class IdsRequest(BaseModel):
     ids: list[StrictInt] = Field(max_length=MAX_LOOKUP_IDS)
 
@@ -310,6 +340,18 @@ class MetadataClient(ServiceApi):
 
     async def delete_item(self, item_id: int) -> None:
         await self.http.request("DELETE", f"/items/{item_id}")
+
+    async def merge_item(self, item_id: int, merge: ItemMerge) -> ItemMerged:
+        # Never retried: a repeat of a merge whose answer was lost would answer "nothing added",
+        # and the captions the first one added would never get their vectors.
+        raw = await self.post_json(f"/items/{item_id}/merge", merge, retry=False)
+        return ItemMerged.model_validate_json(raw)
+
+    async def delete_captions(self, item_id: int, ids: list[int]) -> ItemOut:
+        raw = await self.post_json(
+            f"/items/{item_id}/captions/delete", IdsRequest(ids=ids), retry=True
+        )
+        return ItemOut.model_validate_json(raw)
 
     async def item_states(
         self, collection: str, *, after: int | None = None, limit: int = 1000
