@@ -41,7 +41,6 @@ from services.metadata.settings import MetadataSettings
 from services.metadata.validation import (
     MAX_ATTRIBUTES,
     MAX_TAGS,
-    caption_key,
     check_attributes,
     check_captions,
     check_collection_name,
@@ -68,6 +67,7 @@ from shared.contracts.metadata import (
     ItemStatesOut,
     KeywordHit,
     StatusCounts,
+    caption_key,
 )
 from shared.problems import Conflict, NotFound, ProblemError
 

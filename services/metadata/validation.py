@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from typing import Any, Final
 
 from shared.bounded_json import JsonBoundsError, loads_bounded
@@ -67,12 +66,6 @@ def check_captions(captions: list[str], *, max_captions: int, max_chars: int) ->
             )
         cleaned.append(text)
     return cleaned
-
-
-def caption_key(text: str) -> str:
-    """What makes two captions the same caption: their text in Unicode NFC with whitespace runs
-    collapsed (the gateway embeds text normalised the same way). Case and punctuation count."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def check_tags(tags: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ typed client its callers (the gateway, ``crossmodal reconcile``) use."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -33,6 +34,13 @@ SOURCE_URI_PATTERN = (
     r"^\s*([Hh][Tt][Tt][Pp][Ss]?|[Ss]3|[Gg][Ss])://[^\s\x00-\x20\x7f-\x9f/?#@]+"
     r"([/?#][^\x00-\x1f\x7f]*)?\s*$"
 )
+
+
+def caption_key(text: str) -> str:
+    """What makes two captions of an item the same caption (docs/metadata.md, "Merging a
+    duplicate into the item"): their text in Unicode NFC with whitespace runs collapsed and the
+    ends trimmed. Case and punctuation count, as they can change an embedding."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 class CaptionOut(BaseModel):
