@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             "benchmark": "ingest",
             "count": args.count,
             "indexed": report.indexed,
+            "merged": report.merged,
             "duplicates": report.duplicates,
             "failed": len(report.failures),
             "seconds": round(report.seconds, 2),
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         for failure in report.failures[:5]:
             print(f"failed: {failure.key}: {failure.error}", file=sys.stderr)
         print(json.dumps(result))
-        if report.failures or report.indexed + report.duplicates != len(records):
+        if report.failures or report.processed != len(records):
             raise SystemExit(1)
     finally:
         if stack is not None:

@@ -12,6 +12,7 @@ docs/cli.md describes every command.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import signal
@@ -49,6 +50,7 @@ from crossmodal.client import (
     TokenStore,
 )
 from crossmodal.stack import LocalStack
+from shared.contracts.metadata import caption_key
 
 if TYPE_CHECKING:
     from crossmodal.demo.emoji import Emoji
@@ -109,16 +111,16 @@ def seed_demo_collection(
     quiet: bool = False,
 ) -> int:
     """Index the emoji demo (default: all of ``demo_set()``) into the ``demo`` collection
-    through the gateway, with the pipeline of ``crossmodal index``. Returns the number of items
-    indexed now: 0 when an earlier start indexed them all. A demo collection holding vectors of
-    another model (an older demo, or ``--model`` changed) is deleted and indexed again, since its
-    vectors cannot be compared with this model's."""
+    through the gateway, with the pipeline of ``crossmodal index`` and its duplicate policy:
+    emoji drawn alike (a few flags, "person"/"man" pairs) become one item with every name.
+    Returns the number of items indexed now: 0 when an earlier start indexed them all. A demo
+    collection holding vectors of another model (an older demo, or ``--model`` changed) is
+    deleted and indexed again, since its vectors cannot be compared with this model's."""
     from crossmodal.demo.emoji import write_collection
     from crossmodal.ingest import IngestOptions, Ingestor, Journal, load_records
-    from crossmodal.ingest.sources import merge_identical_images
 
-    # Emoji drawn alike (a few flags, "person"/"man" pairs) become one item with both names.
-    records = merge_identical_images(load_records(write_collection(collection_dir, emoji)))
+    records = load_records(write_collection(collection_dir, emoji))
+    images, captions = _distinct_images_and_captions(records)
     with httpx.Client(timeout=10.0) as http:
         model = http.get(f"{stack.url('feature')}/model", headers=stack.service_headers("feature"))
         model.raise_for_status()
@@ -141,7 +143,11 @@ def seed_demo_collection(
             )
             client.delete_collection(DEMO_COLLECTION)
             existing = None
-        if existing is not None and existing["items"] >= len(records):
+        if (
+            existing is not None
+            and existing["items"] >= images
+            and existing.get("captions", 0) >= captions
+        ):
             return 0
         # The collection is the truth (its hash lookup skips what an interrupted start
         # indexed), so the journal only serves this one run.
@@ -163,6 +169,16 @@ def seed_demo_collection(
             f"indexing the demo: {len(report.failures)} failed, e.g. {first.key}: {first.error}"
         )
     return report.indexed
+
+
+def _distinct_images_and_captions(records: Sequence[Any]) -> tuple[int, int]:
+    """How many items local ``records`` make, and how many captions those hold in all, once
+    their duplicates are merged (``caption_key`` tells captions apart, as the server does)."""
+    captions: dict[str, set[str]] = {}
+    for record in records:
+        sha256 = hashlib.sha256(Path(record.source).read_bytes()).hexdigest()
+        captions.setdefault(sha256, set()).update(caption_key(c) for c in record.captions)
+    return len(captions), sum(len(texts) for texts in captions.values())
 
 
 BANNER = """
@@ -518,12 +534,22 @@ def index(
 
 def _print_report(report: Any, journal_path: Path) -> None:
     out.print(
-        f"{report.indexed} indexed, {report.duplicates} already there, "
+        f"{report.indexed} indexed, {report.merged} merged, {report.duplicates} already there, "
         f"{len(report.failures)} failed, {report.resumed} done by an earlier run "
         f"({report.total} in the input) in {report.seconds:.1f}s "
         f"= {report.items_per_second:.1f} indexed/s",
         highlight=False,
     )
+    if report.conflicts:
+        table = Table(title="attributes kept: the item had other values", show_lines=False)
+        table.add_column("source", overflow="fold")
+        table.add_column("item", justify="right")
+        table.add_column("kept", overflow="fold")
+        for conflict in report.conflicts[:50]:
+            table.add_row(conflict.key, str(conflict.item_id), conflict.note or "")
+        out.print(table)
+        if len(report.conflicts) > 50:
+            out.print(f"… and {len(report.conflicts) - 50} more (see {journal_path})")
     if report.failures:
         table = Table(title="failures", show_lines=False)
         table.add_column("source", overflow="fold")

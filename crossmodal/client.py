@@ -297,6 +297,20 @@ class GatewayClient:
         )
         return response.json()  # type: ignore[no-any-return]
 
+    def merge_item(
+        self,
+        item_id: int,
+        *,
+        captions: list[str] | tuple[str, ...] = (),
+        tags: list[str] | tuple[str, ...] = (),
+        attributes: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """POST /items/{id}/merge: what a duplicate of the item brings, added to it. The answer
+        lists what was added and the attributes the item kept (``conflicts``)."""
+        body = {"captions": list(captions), "tags": list(tags), "attributes": attributes or {}}
+        response = self.request("POST", f"/items/{item_id}/merge", json=body)
+        return response.json()  # type: ignore[no-any-return]
+
     def get_item(self, item_id: int) -> dict[str, Any]:
         return self.request("GET", f"/items/{item_id}").json()  # type: ignore[no-any-return]
 

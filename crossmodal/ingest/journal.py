@@ -2,10 +2,12 @@
 where it stopped.
 
 One JSON object per line, appended and flushed as each record finishes, and fsync'ed after each
-batch: ``{"key", "sha256", "outcome", "item_id", "error"}``. A crash can lose at most the
-unsynced tail (a torn last line is ignored); records lost that way are sent again and the server
-answers 409 ``duplicate_item`` for those already indexed: nothing is stored twice, because
-idempotency rests on the content hash, with the journal only saving the work of re-sending.
+batch: ``{"key", "sha256", "outcome", "item_id", "error", "note"}`` (``note``: the attribute
+values a merge left as they were). A crash can lose at most the unsynced tail (a torn last line
+is ignored); records lost that way are sent again and the server answers 409 ``duplicate_item``
+for those already indexed, and merging what they bring adds nothing twice: nothing is stored
+twice, because idempotency rests on the content hash, with the journal only saving the work of
+re-sending.
 
 The first line names the collection; a journal of another collection is refused rather than used
 to skip the wrong files.
@@ -23,7 +25,7 @@ from typing import Any, Final
 
 from crossmodal.client import config_dir
 
-DONE: Final = frozenset({"indexed", "duplicate"})
+DONE: Final = frozenset({"indexed", "merged", "duplicate"})
 
 
 class JournalError(Exception):
@@ -33,10 +35,11 @@ class JournalError(Exception):
 @dataclass(frozen=True)
 class Entry:
     key: str
-    outcome: str  # indexed | duplicate | failed
+    outcome: str  # indexed | merged | duplicate | failed
     sha256: str | None = None
     item_id: int | None = None
     error: str | None = None
+    note: str | None = None
 
 
 def default_journal_path(source: Path, collection: str) -> Path:
@@ -89,6 +92,7 @@ class Journal:
                         data.get("sha256"),
                         data.get("item_id"),
                         data.get("error"),
+                        data.get("note"),
                     )
 
     def _torn_tail(self) -> bool:
@@ -109,6 +113,14 @@ class Journal:
     def done_hashes(self) -> dict[str, str]:
         """sha256 → key of every finished record."""
         return {e.sha256: e.key for e in self.entries.values() if e.outcome in DONE and e.sha256}
+
+    def done_items(self) -> dict[str, int]:
+        """sha256 → the item of every finished record whose item is known."""
+        return {
+            e.sha256: e.item_id
+            for e in self.entries.values()
+            if e.outcome in DONE and e.sha256 and isinstance(e.item_id, int)
+        }
 
     def record(self, entry: Entry) -> None:
         with self._lock:

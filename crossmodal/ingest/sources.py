@@ -14,6 +14,10 @@ manifest, each turned into the same ``IngestRecord`` list.
 - CSV: a header row with an image column (same names), ``captions`` and ``tags`` separated by
   ``|``; every other non-empty column is an attribute (integers and decimals become numbers).
 
+The same image may come more than once: the same file listed twice, or byte-identical files. Every
+record is kept; the pipeline merges what a duplicate brings into the item (``mark_repeats`` gives
+a repeated source a key of its own for the journal).
+
 A manifest is untrusted input, and the indexing machine uploads whatever file it names: every
 local path must stay inside the folder it is read against (the manifest's folder, the COCO images
 root, or the folder indexed), after ``..`` and symbolic links are resolved, unless
@@ -23,6 +27,7 @@ root, or the folder indexed), after ``..`` and symbolic links are resolved, unle
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import re
@@ -52,15 +57,23 @@ class IngestRecord:
     captions: tuple[str, ...] = ()
     attributes: Mapping[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    # For a source listed again: a digest of what this record brings (``mark_repeats``).
+    repeat: str = ""
 
     @property
     def is_url(self) -> bool:
         return self.source.startswith(("http://", "https://"))
 
     @property
+    def brings(self) -> bool:
+        """Whether the record has anything to store beside its image."""
+        return bool(self.captions or self.tags or self.attributes)
+
+    @property
     def key(self) -> str:
-        """What the journal remembers the record by."""
-        return self.source
+        """What the journal remembers the record by: the source, and for a source listed
+        again, what that record brings."""
+        return f"{self.source}#repeat-{self.repeat}" if self.repeat else self.source
 
     @property
     def source_uri(self) -> str | None:
@@ -409,33 +422,27 @@ def with_tags(records: Iterable[IngestRecord], tags: Iterable[str]) -> list[Inge
     extra = tuple(tags)
     if not extra:
         return list(records)
-    return [
-        IngestRecord(r.source, r.captions, r.attributes, tuple(dict.fromkeys(r.tags + extra)))
-        for r in records
-    ]
+    return [dataclasses.replace(r, tags=tuple(dict.fromkeys(r.tags + extra))) for r in records]
 
 
-def merge_identical_images(records: Iterable[IngestRecord]) -> list[IngestRecord]:
-    """Local records whose files hold the same bytes, merged into the first: every caption and
-    tag kept, the first one's attributes. The pipeline indexes an image once, so without this
-    the captions of the later copies would be dropped (the emoji demo has 19 such pairs, e.g.
-    two flags drawn alike). URLs are not read here: only a repeated URL is merged."""
-    merged: dict[str, IngestRecord] = {}
+def mark_repeats(records: Iterable[IngestRecord]) -> list[IngestRecord]:
+    """The records, each source's first as it is and every later one of the same source with
+    a ``repeat`` digest of its captions, tags and attributes: a key of its own, so that the
+    journal tells it from the first (and a repeat whose content changed is new to it). Repeats
+    that bring the same share that key, and are one record."""
+    seen: set[str] = set()
+    marked = []
     for record in records:
-        key = (
-            record.source
-            if record.is_url
-            else "sha256:" + hashlib.sha256(Path(record.source).read_bytes()).hexdigest()
-        )
-        first = merged.get(key)
-        merged[key] = (
-            record
-            if first is None
-            else IngestRecord(
-                first.source,
-                tuple(dict.fromkeys(first.captions + record.captions)),
-                first.attributes,
-                tuple(dict.fromkeys(first.tags + record.tags)),
+        if record.source in seen:
+            content = json.dumps(
+                [record.captions, record.tags, record.attributes],
+                ensure_ascii=False,
+                sort_keys=True,
+                default=str,
             )
-        )
-    return list(merged.values())
+            digest = hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+            record = dataclasses.replace(record, repeat=digest)
+        else:
+            seen.add(record.source)
+        marked.append(record)
+    return marked

@@ -31,6 +31,8 @@ from services.gateway.schemas import (
     MAX_TAGS,
     NOT_EMPTY,
     CaptionText,
+    MergedItem,
+    MergeRequest,
     PublicItem,
     SearchResponse,
     SourceUri,
@@ -495,12 +497,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                     "/id",
                     ("get", "/items/{item_id}"),
                     ("get", "/items/{item_id}/image"),
+                    ("post", "/items/{item_id}/merge"),
                     ("delete", "/items/{item_id}"),
                 ),
             }
         }
         | problems(*SECURED, 404, 409, 413, 415),
-        summary="Add an item. Scope items:write.",
+        summary="Add an item. Scope items:write. An image the collection holds is refused: 409 "
+        "duplicate_item with its item_id (merge into it with POST /items/{item_id}/merge).",
         openapi_extra=image_part,
     )
     async def add_item(
@@ -546,6 +550,23 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             tags=tag or [],
             source_uri=source_uri,
         )
+
+    @app.post(
+        "/items/{item_id}/merge",
+        tags=["items"],
+        response_model=MergedItem,
+        responses=problems(*SECURED, 404, 409),
+        summary="Add what a duplicate of an indexed item brings: the captions and tags it lacks "
+        "(new captions embedded), and attributes of keys it lacks (its own values are kept). "
+        "Scope items:write.",
+    )
+    async def merge_item(
+        item_id: int,
+        body: MergeRequest,
+        state: State,
+        _: Annotated[Principal, require("items:write")],
+    ) -> dict[str, Any]:
+        return await state.orchestrator.merge_item(item_id, body.contract())
 
     @app.get(
         "/items/{item_id}",

@@ -22,7 +22,8 @@ _DESCRIPTIONS = {
     "(`token_expired`) or a revoked one (`token_revoked`)",
     403: "The token lacks the route's scope (`insufficient_scope`, `required_scopes`)",
     404: "Not found (`item_not_found`, `collection_not_found`, `principal_not_found`)",
-    409: "Conflict (`model_mismatch`, `principal_exists`, `key_rotation_failed`)",
+    409: "Conflict (`duplicate_item` and `duplicate_pending` with `item_id`, `item_not_indexed`, "
+    "`item_limit`, `model_mismatch`, `principal_exists`, `key_rotation_failed`)",
     413: "Too large (`payload_too_large`, `image_too_large`)",
     415: "Upload media type not accepted (`unsupported_media_type`)",
     422: "Invalid input (`validation_error` with `errors`, `invalid_image`, `invalid_filter`, …)",

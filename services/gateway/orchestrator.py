@@ -24,6 +24,7 @@ from shared.contracts.metadata import (
     FilterRequest,
     HitsRequest,
     ItemForm,
+    ItemMerge,
     ItemOut,
     KeywordSearchRequest,
     MetadataClient,
@@ -398,6 +399,39 @@ class Orchestrator:
         await self.cache.bump(collection)
         return public_item(indexed)
 
+    async def merge_item(self, item_id: int, merge: ItemMerge) -> dict[str, Any]:
+        """Add what a duplicate brings to an indexed item (docs/metadata.md): metadata merges
+        it, then the captions it added are embedded and upserted, as an upload's are. Answers
+        once they are searchable. If their vectors cannot be stored, those captions are taken
+        back and the error returned; tags and attributes need no vectors and stay merged."""
+        merged = await self.backends.metadata.merge_item(item_id, merge)
+        item = merged.item
+        added = [caption.id for caption in merged.added_captions]
+        try:
+            if added:
+                try:
+                    vectors, model_id = await self._embed_texts(
+                        [caption.text for caption in merged.added_captions]
+                    )
+                    await self._upsert(item.collection, "text", model_id, added, vectors)
+                except ProblemError as exc:
+                    await self._take_back(item, added, f"{exc.code}: {exc.detail}")
+                    raise
+        finally:
+            if merged.changed:
+                await self.cache.bump(item.collection)
+        return {**merged.model_dump(mode="json"), "item": public_item(item)}
+
+    async def _take_back(self, item: ItemOut, caption_ids: list[int], reason: str) -> None:
+        log.warning("taking back captions %s of item %s: %s", caption_ids, item.id, reason)
+        try:
+            await self.backends.metadata.delete_captions(item.id, caption_ids)
+            await self._delete_vectors(item.collection, [], caption_ids)
+        except ProblemError as exc:
+            # Captions without vectors (reconcile's "missing", re-embedded by its repair) or
+            # vectors without captions (its "orphans").
+            log.error("could not take back captions of item %s: %s", item.id, exc.detail)
+
     async def _upsert(
         self,
         collection: str,
@@ -423,15 +457,17 @@ class Orchestrator:
             await self.backends.metadata.set_status(
                 item_id, StatusUpdate(status="failed", error=reason[:4000])
             )
-            await self._delete_vectors(collection, item_id, caption_ids)
+            await self._delete_vectors(collection, [item_id], caption_ids)
         except ProblemError as exc:
             # The item stays 'failed' or 'pending' and is never shown; reconcile repairs it.
             log.error("could not roll back item %s: %s", item_id, exc.detail)
 
-    async def _delete_vectors(self, collection: str, item_id: int, caption_ids: list[int]) -> None:
+    async def _delete_vectors(
+        self, collection: str, item_ids: list[int], caption_ids: list[int]
+    ) -> None:
         # Item ids and caption ids are separate id spaces: delete each in its own modality.
         modalities: tuple[tuple[Target, list[int]], ...] = (
-            ("image", [item_id]),
+            ("image", item_ids),
             ("text", caption_ids),
         )
         for modality, ids in modalities:
@@ -449,7 +485,7 @@ class Orchestrator:
         # from results at once even if removing its vectors fails below.
         await self.backends.metadata.delete_item(item_id)
         await self.cache.bump(item.collection)
-        await self._delete_vectors(item.collection, item_id, [c.id for c in item.captions])
+        await self._delete_vectors(item.collection, [item_id], [c.id for c in item.captions])
 
     # -- collections ------------------------------------------------------------------------
 

@@ -16,7 +16,13 @@ from pydantic import (
 from shared.bounded_json import JsonBoundsError, json_problem, loads_bounded
 from shared.collections import COLLECTION_NAME_PATTERN
 from shared.contracts.filters import TAG_PATTERN, component_schema
-from shared.contracts.metadata import SOURCE_URI_PATTERN, ItemOut
+from shared.contracts.metadata import (
+    SOURCE_URI_PATTERN,
+    AttributeConflict,
+    CaptionOut,
+    ItemMerge,
+    ItemOut,
+)
 from shared.problems import Unprocessable
 
 MAX_QUERY_CHARS = 1000
@@ -139,6 +145,64 @@ SourceUri = Annotated[
 
 class PublicItem(ItemOut):
     image_url: str = Field(description="Where GET answers the item's image")
+
+
+class MergeRequest(BaseModel):
+    """The body of ``POST /items/{item_id}/merge``: what a duplicate of the item brings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    captions: list[CaptionText] = Field(
+        default_factory=list,
+        max_length=MAX_CAPTIONS,
+        description="Captions to add; those the item has (same text once whitespace is "
+        "collapsed) are left out.",
+    )
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS, description="Tags to add.")
+    attributes: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Attributes to add: keys the item has keep the item's value.",
+        json_schema_extra=component_schema("Attributes"),
+    )
+
+    @field_validator("captions")
+    @classmethod
+    def _captions_are_text(cls, value: list[str]) -> list[str]:
+        problem = json_problem(value)
+        if problem:
+            raise Unprocessable(f"captions {problem}", code="invalid_caption")
+        return value
+
+    @field_validator("attributes")
+    @classmethod
+    def _flat(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Checked here only as far as forwarding needs (flat, and text that is text); the
+        # metadata service checks the keys and values.
+        nested = next((k for k, v in value.items() if isinstance(v, dict | list)), None)
+        if nested is not None:
+            raise Unprocessable(
+                f"attribute {nested[:80]!r}: values must be a string, number, boolean or null",
+                code="invalid_attributes",
+            )
+        problem = json_problem(value)
+        if problem:
+            raise Unprocessable(f"attributes {problem}", code="invalid_attributes")
+        return value
+
+    def contract(self) -> ItemMerge:
+        return ItemMerge(captions=self.captions, tags=self.tags, attributes=self.attributes)
+
+
+class MergedItem(BaseModel):
+    item: PublicItem
+    added_captions: list[CaptionOut] = Field(
+        description="The captions added, in the order given, each embedded and searchable."
+    )
+    added_tags: list[str]
+    added_attributes: list[str] = Field(description="The attribute keys added.")
+    conflicts: list[AttributeConflict] = Field(
+        description="Attributes the item has with another value: its own value is kept."
+    )
 
 
 class Caption(BaseModel):

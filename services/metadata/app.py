@@ -37,6 +37,8 @@ from shared.contracts.metadata import (
     HitsOut,
     HitsRequest,
     IdsRequest,
+    ItemMerge,
+    ItemMerged,
     ItemOut,
     ItemsOut,
     ItemStatesOut,
@@ -153,6 +155,20 @@ def update_item(repo: Repo, item_id: int, body: StatusUpdate) -> ItemOut:
 def delete_item(repo: Repo, item_id: int) -> Response:
     repo.delete_item(item_id)
     return Response(status_code=204)
+
+
+@router.post(
+    "/items/{item_id}/merge",
+    dependencies=[caller("metadata:write")],
+    responses={409: {"description": "item_not_indexed or item_limit (docs/metadata.md)"}},
+)
+def merge_item(repo: Repo, item_id: int, body: ItemMerge) -> ItemMerged:
+    return repo.merge_item(item_id, body)
+
+
+@router.post("/items/{item_id}/captions/delete", dependencies=[caller("metadata:write")])
+def delete_captions(repo: Repo, item_id: int, body: IdsRequest) -> ItemOut:
+    return repo.delete_captions(item_id, body.ids)
 
 
 @router.post("/items/lookup", dependencies=[caller("metadata:read")])

@@ -7,7 +7,8 @@ the SHA-256 of its bytes. Uploading bytes the collection already holds answers 4
 ``duplicate_item`` when that item is indexed and 409 ``duplicate_pending`` while it is pending
 (being indexed, or stuck until ``crossmodal reconcile`` repairs it); when that item has failed, the
 upload is its retry: the item keeps its id, takes the new captions, tags and attributes, and is
-pending again.
+pending again. What a duplicate brings is added to the indexed item by ``merge_item``: its new
+captions and tags, and the attributes the item lacks (the item's own values win a conflict).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 from pydantic_core import to_json
-from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,14 +47,19 @@ from services.metadata.models import (
 )
 from services.metadata.settings import MetadataSettings
 from services.metadata.validation import (
+    MAX_ATTRIBUTES,
+    MAX_TAGS,
+    check_attributes,
     check_captions,
     check_collection_name,
     check_source_uri,
     check_tags,
     is_collection_name,
     parse_attributes,
+    same_value,
 )
 from shared.contracts.metadata import (
+    AttributeConflict,
     CaptionOut,
     CaptionRef,
     CollectionCreate,
@@ -61,11 +67,14 @@ from shared.contracts.metadata import (
     FilterOut,
     HashMatch,
     IndexSettings,
+    ItemMerge,
+    ItemMerged,
     ItemOut,
     ItemState,
     ItemStatesOut,
     KeywordHit,
     StatusCounts,
+    caption_key,
 )
 from shared.contracts.metadata import (
     CollectionDeletion as CollectionDeletionOut,
@@ -365,6 +374,130 @@ class Repository:
             session.add(item)
             session.flush()
         return _item_view(item)
+
+    def merge_item(self, item_id: int, merge: ItemMerge) -> ItemMerged:
+        """Add what a duplicate of an indexed item brings: captions it lacks (``caption_key``
+        tells two apart), appended; tags it lacks, appended; attributes whose keys it lacks. A key
+        it has with another value keeps the item's value and is reported as a conflict. Past an
+        item's limits (captions, tags, attributes) nothing changes: 409 ``item_limit``. Only an
+        indexed item takes a merge (409 ``item_not_indexed`` otherwise, with ``item_status``):
+        a pending one may still fail, and a failed one takes the captions of its retry."""
+        if not _is_int64(item_id):
+            raise item_not_found(item_id)
+        limits = self.settings
+        captions = check_captions(
+            merge.captions, max_captions=limits.max_captions, max_chars=limits.max_caption_chars
+        )
+        tags = check_tags(merge.tags)
+        attributes = check_attributes(merge.attributes)
+        now = utcnow()
+        with self._session.begin() as session:
+            item = self._locked_item(session, item_id)
+            if not self._visible(session, item.collection):
+                raise item_not_found(item_id)  # its collection is being deleted
+            if item.status != "indexed":
+                raise Conflict(
+                    f"item {item_id} is {item.status}: only an indexed item takes a merge"
+                    + (", try again once it is indexed" if item.status == "pending" else ""),
+                    code="item_not_indexed",
+                    extra={"item_id": item_id, "item_status": item.status},
+                )
+            known = {caption_key(c.text) for c in item.captions}
+            new_captions = []
+            for caption in captions:
+                if caption_key(caption) not in known:
+                    known.add(caption_key(caption))
+                    new_captions.append(caption)
+            new_tags = [t for t in tags if t not in item.tags]
+            new_keys = [k for k in attributes if k not in item.attributes]
+            conflicts = [
+                AttributeConflict(key=k, kept=item.attributes[k], offered=v)
+                for k, v in attributes.items()
+                if k in item.attributes and not same_value(item.attributes[k], v)
+            ]
+            for what, count, limit in (
+                ("captions", len(item.captions) + len(new_captions), limits.max_captions),
+                ("tags", len(item.tags) + len(new_tags), MAX_TAGS),
+                ("attributes", len(item.attributes) + len(new_keys), MAX_ATTRIBUTES),
+            ):
+                if count > limit:
+                    raise Conflict(
+                        f"item {item_id} would have {count} {what}, and an item has at most "
+                        f"{limit}: nothing was merged",
+                        code="item_limit",
+                        extra={"item_id": item_id},
+                    )
+            if new_captions or new_tags or new_keys:
+                after = max((c.position for c in item.captions), default=-1) + 1
+                added = [
+                    Caption(item_id=item.id, position=after + i, text=t)
+                    for i, t in enumerate(new_captions)
+                ]
+                tag_after = max((t.position for t in item.tag_rows), default=-1) + 1
+                session.add_all(added)
+                session.add_all(
+                    ItemTag(item_id=item.id, position=tag_after + i, tag=t)
+                    for i, t in enumerate(new_tags)
+                )
+                if new_keys:
+                    # A new dict: the JSON column sees an assignment, not an in-place change.
+                    item.attributes = {**item.attributes, **{k: attributes[k] for k in new_keys}}
+                session.flush()
+                session.refresh(item, ["captions", "tag_rows"])
+                if new_captions or new_tags:
+                    item.search_text = _search_text([c.text for c in item.captions], item.tags)
+                item.updated_at = now
+                session.flush()
+                added_captions = [CaptionOut(id=c.id, text=c.text) for c in added]
+            else:
+                added_captions = []
+            merged = ItemMerged(
+                item=_item_view(item),
+                added_captions=added_captions,
+                added_tags=new_tags,
+                added_attributes=new_keys,
+                conflicts=conflicts,
+            )
+        return merged
+
+    @staticmethod
+    def _locked_item(session: Session, item_id: int) -> Item:
+        """The item, locked for the rest of the transaction. A write first: it takes SQLite's
+        write lock up front (a read first could not become a write once another writer
+        committed) and PostgreSQL's row lock, so two changes to one item run one after the
+        other."""
+        locked = session.execute(
+            update(Item)
+            .where(Item.id == item_id)
+            .values(updated_at=Item.updated_at)
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        item = session.get(Item, item_id) if locked else None
+        if item is None:
+            raise item_not_found(item_id)
+        return item
+
+    def delete_captions(self, item_id: int, caption_ids: list[int]) -> ItemOut:
+        """Remove these captions from the item (ids of other items' captions, or of none, are
+        left alone): how the gateway takes back the captions of a merge whose vectors it could
+        not store. Their vectors are the retrieval service's to drop."""
+        if not _is_int64(item_id):
+            raise item_not_found(item_id)
+        wanted = [i for i in caption_ids if _is_int64(i)]
+        with self._session.begin() as session:
+            item = self._locked_item(session, item_id)
+            if wanted:
+                removed = session.execute(
+                    delete(Caption)
+                    .where(Caption.item_id == item_id, Caption.id.in_(wanted))
+                    .execution_options(synchronize_session=False)
+                ).rowcount  # type: ignore[attr-defined]
+                if removed:
+                    session.expire(item, ["captions"])
+                    item.search_text = _search_text([c.text for c in item.captions], item.tags)
+                    item.updated_at = utcnow()
+                    session.flush()
+            return _item_view(item)
 
     def _insert_collection(self, name: str, now: datetime) -> Any:
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert

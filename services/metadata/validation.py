@@ -117,6 +117,16 @@ def scalar_problem(value: Any) -> str | None:
     return "values must be a string, number, boolean or null"
 
 
+def same_value(a: Scalar, b: Scalar) -> bool:
+    """Equality as the filter language has it: JSON types count (``1`` is ``1.0``, but neither
+    ``"1"`` nor ``true``)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
 def parse_attributes(raw: str | None) -> dict[str, Scalar]:
     """The ``attributes`` form field: a JSON object of flat scalar values (absent means {})."""
     if raw is None or not raw.strip():
@@ -125,6 +135,12 @@ def parse_attributes(raw: str | None) -> dict[str, Scalar]:
         value = loads_bounded(raw, what="attributes", max_chars=MAX_ATTRIBUTES_JSON_CHARS)
     except JsonBoundsError as exc:
         raise Unprocessable(str(exc), code="invalid_attributes") from None
+    return check_attributes(value)
+
+
+def check_attributes(value: Any) -> dict[str, Scalar]:
+    """Attributes as an object: at most ``MAX_ATTRIBUTES`` keys of the safe alphabet, each a
+    flat scalar value."""
     if not isinstance(value, dict):
         raise Unprocessable("attributes must be a JSON object", code="invalid_attributes")
     if len(value) > MAX_ATTRIBUTES:

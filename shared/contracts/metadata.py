@@ -4,6 +4,7 @@ typed client its callers (the gateway, ``crossmodal reconcile``) use."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -26,11 +27,20 @@ INDEX_FACTORY = re.compile(r"^[A-Za-z0-9_,.=x-]{1,128}$")
 # showing it must never run ``javascript:`` or ``data:`` nor open a ``file:`` path.
 SOURCE_URI_SCHEMES = ("http", "https", "s3", "gs")
 # The rule as a pattern, valid in JSON Schema (ECMAScript) as in Python: one of the schemes in any
-# letter case, "://", a host without user or password, then printable characters only.
+# letter case, "://", a host without user or password, then printable characters only. The host
+# holds no white space (nor a C1 control, some of which Python counts as space), so that white
+# space around a URI the pattern accepts can be trimmed and leave a URI it accepts.
 SOURCE_URI_PATTERN = (
-    r"^\s*([Hh][Tt][Tt][Pp][Ss]?|[Ss]3|[Gg][Ss])://[^\x00-\x20\x7f/?#@]+"
+    r"^\s*([Hh][Tt][Tt][Pp][Ss]?|[Ss]3|[Gg][Ss])://[^\s\x00-\x20\x7f-\x9f/?#@]+"
     r"([/?#][^\x00-\x1f\x7f]*)?\s*$"
 )
+
+
+def caption_key(text: str) -> str:
+    """What makes two captions of an item the same caption (docs/metadata.md, "Merging a
+    duplicate into the item"): their text in Unicode NFC with whitespace runs collapsed and the
+    ends trimmed. Case and punctuation count, as they can change an embedding."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 class CaptionOut(BaseModel):
@@ -148,6 +158,36 @@ class StatusUpdate(BaseModel):
         None, min_length=1, max_length=256, description="with indexed: the vectors' model"
     )
     error: str | None = Field(None, max_length=4000, description="with failed: the reason")
+
+
+class ItemMerge(BaseModel):
+    """What ``POST /items/{id}/merge`` adds to an indexed item (docs/metadata.md, "Duplicates")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    captions: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttributeConflict(BaseModel):
+    key: str
+    kept: Any = Field(description="the item's value, which stays")
+    offered: Any = Field(description="the value the merge brought, not taken")
+
+
+class ItemMerged(BaseModel):
+    item: ItemOut
+    added_captions: list[CaptionOut] = Field(description="new captions, in the order given")
+    added_tags: list[str]
+    added_attributes: list[str] = Field(description="keys the item did not have")
+    conflicts: list[AttributeConflict] = Field(
+        description="keys the item has with another value: its own value is kept"
+    )
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added_captions or self.added_tags or self.added_attributes)
 
 
 class IdsRequest(BaseModel):
@@ -324,6 +364,18 @@ class MetadataClient(ServiceApi):
 
     async def delete_item(self, item_id: int) -> None:
         await self.http.request("DELETE", f"/items/{item_id}")
+
+    async def merge_item(self, item_id: int, merge: ItemMerge) -> ItemMerged:
+        # Never retried: a repeat of a merge whose answer was lost would answer "nothing added",
+        # and the captions the first one added would never get their vectors.
+        raw = await self.post_json(f"/items/{item_id}/merge", merge, retry=False)
+        return ItemMerged.model_validate_json(raw)
+
+    async def delete_captions(self, item_id: int, ids: list[int]) -> ItemOut:
+        raw = await self.post_json(
+            f"/items/{item_id}/captions/delete", IdsRequest(ids=ids), retry=True
+        )
+        return ItemOut.model_validate_json(raw)
 
     async def item_states(
         self, collection: str, *, after: int | None = None, limit: int = 1000

@@ -258,7 +258,7 @@ def test_index_a_folder_resumes_and_reports_failures(
 
     result = invoke(*args)
     assert result.exit_code == 1, result.output  # one failure
-    assert "4 indexed, 0 already there, 1 failed" in result.output
+    assert "4 indexed, 0 merged, 0 already there, 1 failed" in result.output
     assert "p4.png" in result.output and "invalid_image" in result.output
     states = metadata_gateway.metadata.get("/collections/pics/items").json()["items"]
     assert len(states) == 4
@@ -272,12 +272,48 @@ def test_index_a_folder_resumes_and_reports_failures(
     (folder / "p4.png").write_bytes(png(4))
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert "1 indexed, 0 already there, 0 failed, 4 done by an earlier run" in result.output
+    assert (
+        "1 indexed, 0 merged, 0 already there, 0 failed, 4 done by an earlier run" in result.output
+    )
 
     result = invoke(*args, "--restart")  # journal dropped: the server's answers keep it idempotent
     assert result.exit_code == 0, result.output
-    assert "0 indexed, 5 already there" in result.output
+    assert "0 indexed, 0 merged, 5 already there" in result.output
     assert len(metadata_gateway.metadata.get("/collections/pics/items").json()["items"]) == 5
+
+
+def test_index_merges_duplicates_and_names_the_attributes_kept(
+    metadata_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    (tmp_path / "stamp.png").write_bytes(png(7))
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "stamp.png").write_bytes(png(7))
+    manifest = tmp_path / "stamps.jsonl"
+    lines = [
+        {"image": "stamp.png", "caption": "a blue stamp", "attributes": {"year": 1901}},
+        {"image": "copy/stamp.png", "caption": "a stamp, mint", "attributes": {"year": 1902}},
+        {"image": "stamp.png", "caption": "the same stamp, used"},
+    ]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["index", str(manifest), "-c", "stamps", "--gateway", GATEWAY, "--token", "t"]
+    args += ["--journal", str(tmp_path / "journal.jsonl")]
+
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "1 indexed, 2 merged, 0 already there, 0 failed" in result.output
+    assert "(3 in the input)" in result.output
+    assert "attributes kept" in result.output and "year: kept 1901, not 1902" in result.output
+    (state,) = metadata_gateway.metadata.get("/collections/stamps/items").json()["items"]
+    item = metadata_gateway.metadata.get(f"/items/{state['id']}").json()
+    assert [c["text"] for c in item["captions"]] == [
+        "a blue stamp",
+        "a stamp, mint",
+        "the same stamp, used",
+    ]
+
+    result = invoke(*args, "--restart")
+    assert result.exit_code == 0, result.output
+    assert "0 indexed, 0 merged, 3 already there, 0 failed" in result.output
 
 
 def test_index_input_errors(metadata_gateway: FakeGateway, tmp_path: Path) -> None:

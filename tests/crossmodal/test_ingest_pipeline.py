@@ -1,9 +1,11 @@
 """The ingestion pipeline: resumable after an interruption or a crash without duplicates,
-retries, de-duplication by content hash, the failure summary.
+retries, de-duplication by content hash with what duplicates bring merged into their items, the
+failure summary.
 
 The "gateway" here is a thin stand-in in front of a real metadata service (SQLite, in process):
 POST /items stores the item and marks it indexed, as the gateway's item flow does after the
-vectors are durable, so duplicates are decided by the real duplicate policy.
+vectors are durable, and POST /items/{id}/merge is metadata's merge, so duplicates are decided
+and merged by the real duplicate policy.
 """
 
 from __future__ import annotations
@@ -36,17 +38,32 @@ def png(n: int) -> bytes:
 
 
 class FakeGateway:
-    """POST /items → metadata POST /items + PATCH indexed; hashes passed through; a hook to
-    fail chosen requests first."""
+    """POST /items → metadata POST /items + PATCH indexed; merges and hashes passed through;
+    hooks to fail chosen requests first."""
 
     def __init__(self, metadata: TestClient, *, hash_lookup: bool = True) -> None:
         self.metadata = metadata
         self.hash_lookup = hash_lookup
         self.posts = 0
+        self.merges = 0
         self.lock = threading.Lock()
         self.before_post: Callable[[int], httpx.Response | None] | None = None
+        self.before_merge: Callable[[int], httpx.Response | None] | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/merge"):
+            with self.lock:
+                self.merges += 1
+                number = self.merges
+            injected = self.before_merge(number) if self.before_merge is not None else None
+            if injected is not None:
+                return injected
+            answer = self.metadata.post(
+                request.url.path,
+                content=request.read(),
+                headers={"content-type": "application/json"},
+            )
+            return httpx.Response(answer.status_code, content=answer.content)
         if request.url.path.endswith("/hashes"):
             if not self.hash_lookup:
                 return httpx.Response(404, json={"code": "not_found", "detail": "no route"})
@@ -210,6 +227,10 @@ def test_hash_lookup_skips_uploads_of_known_images(
     assert gateway.posts - posts == 6
 
 
+def captions_of(metadata: TestClient, item_id: int) -> list[str]:
+    return [c["text"] for c in metadata.get(f"/items/{item_id}").json()["captions"]]
+
+
 def test_same_bytes_twice_in_the_input(
     gateway: FakeGateway, metadata: TestClient, folder: list[IngestRecord], tmp_path: Path
 ) -> None:
@@ -217,8 +238,132 @@ def test_same_bytes_twice_in_the_input(
     copy.write_bytes(Path(folder[0].source).read_bytes())
     records = [*folder[:3], IngestRecord(str(copy), ("another caption",))]
     report = ingest(gateway, records, tmp_path / "j.jsonl", concurrency=4, batch_size=10)
-    assert (report.indexed, report.duplicates) == (3, 1)
+    assert (report.indexed, report.merged, report.duplicates) == (3, 1, 0)
     assert len(items_in(metadata)) == 3
+    (item,) = [s for s in items_in(metadata) if len(s["caption_ids"]) == 2]
+    assert captions_of(metadata, item["id"]) == ["caption 0", "another caption"]
+
+
+def test_duplicates_merge_what_they_bring_into_their_item(
+    gateway: FakeGateway, metadata: TestClient, tmp_path: Path
+) -> None:
+    # Six flags drawn alike, the same stamp in two folders, a file listed twice: every caption
+    # of the input ends up on the item, across batches, and each record is counted once.
+    flag = tmp_path / "fr.png"
+    flag.write_bytes(png(1))
+    (tmp_path / "mf.png").write_bytes(png(1))
+    (tmp_path / "copy.png").write_bytes(png(1))
+    (tmp_path / "other.png").write_bytes(png(2))
+    records = [
+        IngestRecord(str(flag), ("flag: France",), {"emoji": "FR"}, ("flag",)),
+        IngestRecord(str(tmp_path / "other.png"), ("something else",)),
+        IngestRecord(str(tmp_path / "mf.png"), ("flag: St. Martin",), {"emoji": "MF", "n": 2}),
+        IngestRecord(str(flag), ("flag: Clipperton",), {}, ("island",)),  # the same path again
+        IngestRecord(str(tmp_path / "copy.png")),  # brings nothing
+        IngestRecord(str(flag), ("flag: France",), {"emoji": "FR"}, ("flag",)),  # nothing new
+    ]
+    journal = tmp_path / "j.jsonl"
+    report = ingest(gateway, records, journal, concurrency=2, batch_size=2)
+    assert (report.indexed, report.merged, report.duplicates, report.failures) == (2, 2, 2, [])
+    assert report.total == 6 and report.resumed == 0
+    assert gateway.posts == 2  # duplicates are merged, never uploaded again
+    (item,) = [s for s in items_in(metadata) if len(s["caption_ids"]) > 1]
+    stored = metadata.get(f"/items/{item['id']}").json()
+    assert [c["text"] for c in stored["captions"]] == [
+        "flag: France",
+        "flag: St. Martin",
+        "flag: Clipperton",
+    ]
+    assert stored["tags"] == ["flag", "island"]
+    # The item's value stays; the record's other value is reported, not lost without a word.
+    assert stored["attributes"] == {"emoji": "FR", "n": 2}
+    (conflict,) = report.conflicts
+    assert conflict.key == str(tmp_path / "mf.png") and conflict.item_id == item["id"]
+    assert conflict.note == "emoji: kept 'FR', not 'MF'"
+    assert "emoji: kept 'FR'" in journal.read_text()
+
+    # Everything is journaled as done: a second run sends nothing.
+    posts, merges = gateway.posts, gateway.merges
+    again = ingest(gateway, records, journal, concurrency=2, batch_size=2)
+    assert again.resumed == 6 and again.processed == 0
+    assert (gateway.posts, gateway.merges) == (posts, merges)
+
+
+def test_a_duplicate_of_an_item_indexed_earlier_is_merged_into_it(
+    gateway: FakeGateway, metadata: TestClient, folder: list[IngestRecord], tmp_path: Path
+) -> None:
+    ingest(gateway, folder[:2], tmp_path / "first.jsonl")
+    copy = Path(folder[0].source).with_name("elsewhere.png")
+    copy.write_bytes(Path(folder[0].source).read_bytes())
+    posts = gateway.posts
+    # Another journal, another run: the hash lookup finds the item.
+    records = [IngestRecord(str(copy), ("the same picture, filed elsewhere",))]
+    report = ingest(gateway, records, tmp_path / "second.jsonl")
+    assert (report.indexed, report.merged) == (0, 1) and gateway.posts == posts
+    (item,) = [s for s in items_in(metadata) if len(s["caption_ids"]) == 2]
+    assert captions_of(metadata, item["id"]) == [
+        "caption 0",
+        "the same picture, filed elsewhere",
+    ]
+
+    # Without the lookup (an older gateway), the upload's 409 names the item to merge into.
+    gateway.hash_lookup = False
+    records = [IngestRecord(str(copy), ("and once more",))]
+    report = ingest(gateway, records, tmp_path / "third.jsonl")
+    assert (report.indexed, report.merged, report.failures) == (0, 1, [])
+    assert gateway.posts == posts + 1
+    assert captions_of(metadata, item["id"])[-1] == "and once more"
+
+
+def test_a_merge_into_an_item_still_pending_is_retried(
+    gateway: FakeGateway, metadata: TestClient, folder: list[IngestRecord], tmp_path: Path
+) -> None:
+    def pending_once(number: int) -> httpx.Response | None:
+        if number == 1:
+            body = {"code": "item_not_indexed", "detail": "pending", "item_status": "pending"}
+            return httpx.Response(409, json=body)
+        return None
+
+    gateway.before_merge = pending_once
+    copy = Path(folder[0].source).with_name("again.png")
+    copy.write_bytes(Path(folder[0].source).read_bytes())
+    records = [folder[0], IngestRecord(str(copy), ("a second caption",))]
+    report = ingest(gateway, records, tmp_path / "j.jsonl", retries=2)
+    assert (report.indexed, report.merged, report.failures) == (1, 1, [])
+    assert gateway.merges == 2
+
+    def always_full(_number: int) -> httpx.Response:
+        return httpx.Response(409, json={"code": "item_limit", "detail": "33 captions"})
+
+    gateway.before_merge = always_full
+    records = [IngestRecord(str(copy), ("one too many",))]
+    report = ingest(gateway, records, tmp_path / "k.jsonl", retries=2)
+    (failure,) = report.failures
+    assert "item_limit" in (failure.error or "") and gateway.merges == 3  # a 409 is final
+
+
+def test_a_duplicate_of_a_failed_record_is_uploaded_and_the_failed_one_merges_later(
+    gateway: FakeGateway, metadata: TestClient, folder: list[IngestRecord], tmp_path: Path
+) -> None:
+    def first_fails(number: int) -> httpx.Response | None:
+        if number == 1:
+            return httpx.Response(422, json={"code": "invalid_caption", "detail": "refused"})
+        return None
+
+    gateway.before_post = first_fails
+    copy = Path(folder[0].source).with_name("twin.png")
+    copy.write_bytes(Path(folder[0].source).read_bytes())
+    records = [folder[0], IngestRecord(str(copy), ("the twin",))]
+    journal = tmp_path / "j.jsonl"
+    report = ingest(gateway, records, journal)
+    # The first failed: its twin is uploaded in its own right instead of waiting for it.
+    assert (report.indexed, report.merged, len(report.failures)) == (1, 0, 1)
+    (item,) = items_in(metadata)
+    assert captions_of(metadata, item["id"]) == ["the twin"]
+
+    report = ingest(gateway, records, journal)  # the failure is retried, as a duplicate
+    assert (report.resumed, report.merged, report.failures) == (1, 1, [])
+    assert captions_of(metadata, item["id"]) == ["the twin", "caption 0"]
 
 
 def test_passing_failures_are_retried_and_refusals_are_not(

@@ -12,7 +12,7 @@ from crossmodal.ingest.sources import (
     SourceError,
     detect_format,
     load_records,
-    merge_identical_images,
+    mark_repeats,
     with_tags,
 )
 
@@ -283,19 +283,21 @@ def test_with_tags_adds_once() -> None:
     assert with_tags(records, []) == records
 
 
-def test_identical_images_merge_into_one_record_with_every_caption(tmp_path: Path) -> None:
-    for name, data in (("a.png", b"same"), ("b.png", b"same"), ("c.png", b"other")):
-        (tmp_path / name).write_bytes(data)
+def test_a_repeated_source_gets_a_key_of_its_own_per_content() -> None:
     records = [
-        IngestRecord(str(tmp_path / "a.png"), ("flag: France",), {"emoji": "FR"}, ("flag",)),
-        IngestRecord(str(tmp_path / "c.png"), ("other",)),
-        IngestRecord(str(tmp_path / "b.png"), ("flag: St. Martin",), {"emoji": "MF"}, ("x",)),
-        IngestRecord("https://example.org/i.jpg", ("url",)),
-        IngestRecord("https://example.org/i.jpg", ("url again",)),
+        IngestRecord("a.png", ("flag: France",), {"emoji": "FR"}),
+        IngestRecord("b.png", ("other",)),
+        IngestRecord("a.png", ("flag: St. Martin",)),
+        IngestRecord("a.png", ("flag: St. Martin",)),
+        IngestRecord("a.png", ("flag: St. Martin",), {"emoji": "MF"}),
     ]
-    merged = merge_identical_images(records)
-    assert [Path(r.source).name for r in merged] == ["a.png", "c.png", "i.jpg"]
-    assert merged[0].captions == ("flag: France", "flag: St. Martin")
-    assert merged[0].attributes == {"emoji": "FR"}
-    assert merged[0].tags == ("flag", "x")
-    assert merged[2].captions == ("url", "url again")
+    marked = mark_repeats(records)
+    keys = [r.key for r in marked]
+    # The first of a source keeps its plain key (journals of earlier runs still match it).
+    assert keys[:2] == ["a.png", "b.png"]
+    assert all(k.startswith("a.png#repeat-") for k in keys[2:])
+    # Repeats that bring the same are one record; another content is another key.
+    assert keys[2] == keys[3] != keys[4]
+    assert [r.captions for r in marked] == [r.captions for r in records]
+    assert mark_repeats(marked) == marked
+    assert with_tags(marked, ["x"])[2].key == keys[2]  # tags added later keep the key

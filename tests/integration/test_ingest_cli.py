@@ -77,7 +77,8 @@ def test_index_a_folder_then_search_and_resume(
     (folder / "more" / "black-star.json").write_text(
         json.dumps({"captions": ["a black star"], "attributes": {"points": 5}})
     )
-    # The same bytes under a second name: indexed once.
+    # The same bytes under a second name, first in path order and without a caption: one item,
+    # which the red circle's record, coming second, gives its caption.
     (folder / "copy.png").write_bytes((folder / "red-circle.png").read_bytes())
     journal = tmp_path / "journal.jsonl"
     login(stack)
@@ -86,8 +87,13 @@ def test_index_a_folder_then_search_and_resume(
 
     result = crossmodal(*index)
     assert result.exit_code == 0, result.output
-    assert "4 indexed, 1 already there, 0 failed" in result.output
+    assert "4 indexed, 1 merged, 0 already there, 0 failed" in result.output
     assert len(metadata_items(stack, "ingest-e2e")) == 4
+    result = crossmodal(
+        "search", "a red circle", "-c", "ingest-e2e", "--gateway", gateway, "--json"
+    )
+    best = json.loads(result.output)["results"][0]["item"]
+    assert [c["text"] for c in best["captions"]] == ["a red circle"]
 
     result = crossmodal(
         "search", "a green triangle", "-c", "ingest-e2e", "--gateway", gateway, "--json"
@@ -105,11 +111,13 @@ def test_index_a_folder_then_search_and_resume(
     # Again: everything is in the journal, nothing is sent.
     result = crossmodal(*index)
     assert result.exit_code == 0, result.output
-    assert "0 indexed, 0 already there, 0 failed, 5 done by an earlier run" in result.output
+    assert (
+        "0 indexed, 0 merged, 0 already there, 0 failed, 5 done by an earlier run" in result.output
+    )
     # Without the journal, the gateway's 409 duplicate_item answers keep it idempotent.
     result = crossmodal(*index, "--restart")
     assert result.exit_code == 0, result.output
-    assert "0 indexed, 5 already there" in result.output
+    assert "0 indexed, 0 merged, 5 already there" in result.output
     assert len(metadata_items(stack, "ingest-e2e")) == 4
 
 
@@ -159,7 +167,7 @@ def test_index_a_manifest_of_urls_behind_the_ssrf_guard(
     index += ["--journal", str(tmp_path / "j.jsonl")]
     result = crossmodal(*index)
     assert result.exit_code == 1, result.output
-    assert "0 indexed, 0 already there, 2 failed" in result.output
+    assert "0 indexed, 0 merged, 0 already there, 2 failed" in result.output
     assert "loopback" in result.output
 
     result = crossmodal(*index, "--allow-network", "127.0.0.1/32")

@@ -105,7 +105,7 @@ def test_an_ingestion_renews_its_token_and_indexes_everything(
     result = index(short_stack, manifest, "renewed", tmp_path / "journal.jsonl")
     took = time.monotonic() - started
     assert result.exit_code == 0, result.output
-    assert f"{IMAGES} indexed, 0 already there, 0 failed" in result.output
+    assert f"{IMAGES} indexed, 0 merged, 0 already there, 0 failed" in result.output
     assert took > TOKEN_SECONDS  # the run did outlive the token it started with
     assert len(metadata_items(short_stack, "renewed")) == IMAGES
     # Renewed, and the rotated pair saved: the login still works for the next command.

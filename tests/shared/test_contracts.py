@@ -273,3 +273,29 @@ def test_the_filter_schema_agrees_with_the_filter_parser(value: dict[str, Any]) 
     except ProblemError:
         parsed = False
     assert _filter_validator().is_valid(value) == parsed
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://example.com/a.png",
+        "  HTTPS://example.com/a b.png  ",
+        "\u3000https://example.com/a.png\u00a0",
+        "javascript:alert(1)",
+        # Found by tests/integration/test_openapi_fuzz.py: a host of white space, which the
+        # pattern once accepted and trimming took away.
+        "\x0b \x0bs3://\u00a0\n\x0b\x0c\x0c",
+        "s3://\x85",
+        "https://exa\u3000mple.com/a.png",
+    ],
+)
+def test_the_source_uri_pattern_agrees_with_the_metadata_check(uri: str) -> None:
+    # The gateway's document publishes the pattern (POST /items); the metadata service trims
+    # the URI, then checks it.
+    schema = {"type": "string", "pattern": metadata.SOURCE_URI_PATTERN, "maxLength": 2048}
+    try:
+        validation.check_source_uri(uri)
+        accepted = True
+    except ProblemError:
+        accepted = False
+    assert jsonschema_rs.validator_for(schema).is_valid(uri) == accepted

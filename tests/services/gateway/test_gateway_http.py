@@ -25,6 +25,7 @@ PUBLIC_ROUTES = {
     ("post", "/search/text"): "search:text",
     ("post", "/search/image"): "search:image",
     ("post", "/items"): "items:write",
+    ("post", "/items/{item_id}/merge"): "items:write",
     ("get", "/items/{item_id}"): "items:read",
     ("get", "/items/{item_id}/image"): "items:read",
     ("delete", "/items/{item_id}"): "items:write",
@@ -100,7 +101,7 @@ def test_error_bodies_are_problems(doc: dict[str, Any]) -> None:
 def test_every_body_can_be_malformed_or_too_large(doc: dict[str, Any]) -> None:
     # Both are answered before the route runs, whatever the route.
     with_body = {key: op for key, op in _operations(doc).items() if "requestBody" in op}
-    assert len(with_body) == 10
+    assert len(with_body) == 11
     for key, operation in with_body.items():
         assert {"400", "413"} <= set(operation["responses"]), key
 
@@ -123,6 +124,14 @@ def test_bodies_and_form_fields_are_described(doc: dict[str, Any]) -> None:
     assert form["attributes"]["allOf"] == [{"$ref": "#/components/schemas/Attributes"}]
     assert form["source_uri"]["pattern"].startswith("^")
     assert [branch.get("type") for branch in form["caption"]["anyOf"]] == ["array", "string"]
+    merge = body("post", "/items/{item_id}/merge")
+    assert merge["additionalProperties"] is False and "required" not in merge
+    assert merge["properties"]["attributes"]["allOf"] == [
+        {"$ref": "#/components/schemas/Attributes"}
+    ]
+    assert merge["properties"]["captions"]["maxItems"] == form["caption"]["anyOf"][0]["maxItems"]
+    assert merge["properties"]["captions"]["items"] == form["caption"]["anyOf"][1]
+    assert merge["properties"]["tags"]["items"] == form["tag"]["anyOf"][1]
     for path in ("/items", "/search/image"):
         encoding = operations[("post", path)]["requestBody"]["content"]["multipart/form-data"]
         assert encoding["encoding"]["image"]["contentType"].split(", ") == list(
@@ -134,7 +143,7 @@ def test_bodies_and_form_fields_are_described(doc: dict[str, Any]) -> None:
 def test_created_resources_link_to_their_operations(doc: dict[str, Any]) -> None:
     operations = _operations(doc)
     for key, parameter, targets in (
-        (("post", "/items"), "item_id", 3),
+        (("post", "/items"), "item_id", 4),
         (("post", "/collections"), "collection", 3),
         (("post", "/admin/principals"), "name", 3),
     ):

@@ -13,11 +13,11 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from services.gateway.cache import ResultCache
+from services.gateway.cache import ResultCache, version_key
 from services.gateway.orchestrator import Backends, Orchestrator, Upload
 from services.gateway.redis_guard import GuardedRedis
 from shared.contracts.feature import FeatureClient
-from shared.contracts.metadata import CaptionOut, ItemOut, MetadataClient
+from shared.contracts.metadata import CaptionOut, ItemMerge, ItemOut, MetadataClient
 from shared.contracts.retrieval import RetrievalClient
 from shared.contracts.vectors import decode_vectors
 from shared.http import ServiceClient
@@ -121,6 +121,132 @@ async def test_captions_embedded_by_another_model_are_refused(
         await orchestrator.add_item(IMAGE, collection="c", captions=["x"], attributes=None)
     assert raised.value.code == "model_changed"
     assert seen["upserts"] == [] and "status" not in seen  # nothing stored or indexed
+    await backends.aclose()
+
+
+INDEXED = {**ITEM, "status": "indexed", "model_id": "m1"}
+ADDED = [{"id": 71, "text": "flag: St. Martin"}, {"id": 72, "text": "flag: Clipperton"}]
+
+
+def _merge_stubs(
+    added: list[dict[str, Any]], *, upsert_status: int = 200, added_tags: list[str] | None = None
+) -> tuple[Backends, dict[str, Any]]:
+    """Metadata answers a merge that added ``added``; retrieval answers upserts with
+    ``upsert_status``. Every call is recorded in ``seen``."""
+    seen: dict[str, Any] = {"calls": [], "upserts": [], "texts": []}
+    feature, retrieval, metadata = FastAPI(), FastAPI(), FastAPI()
+
+    @metadata.post("/items/{item_id}/merge")
+    async def merge(item_id: int, request: Request) -> dict[str, Any]:
+        seen["calls"].append(("merge", item_id, await request.json()))
+        item = {**INDEXED, "captions": [*INDEXED["captions"], *added]}
+        return {
+            "item": item,
+            "added_captions": added,
+            "added_tags": added_tags or [],
+            "added_attributes": [],
+            "conflicts": [{"key": "emoji", "kept": "FR", "offered": "MF"}],
+        }
+
+    @metadata.post("/items/{item_id}/captions/delete")
+    async def take_back(item_id: int, request: Request) -> dict[str, Any]:
+        seen["calls"].append(("take back", item_id, (await request.json())["ids"]))
+        return INDEXED
+
+    @feature.post("/embed/text")
+    async def embed_text(request: Request) -> dict[str, Any]:
+        texts = (await request.json())["texts"]
+        seen["texts"].append(texts)
+        rows = [[0.0, 1.0]] * len(texts)
+        return {"model_id": "m1", "dim": 2, "vectors": rows, "truncated": [False] * len(texts)}
+
+    @retrieval.post("/collections/{collection}/upsert")
+    async def upsert(collection: str, request: Request) -> Any:
+        seen["upserts"].append(await request.json())
+        if upsert_status != 200:
+            return JSONResponse(
+                {"title": "x", "status": 503, "code": "disk_full", "detail": "no room"},
+                status_code=upsert_status,
+                media_type="application/problem+json",
+            )
+        return {"upserted": 2, "count": 3}
+
+    @retrieval.post("/collections/{collection}/delete")
+    async def delete(collection: str, request: Request) -> dict[str, int]:
+        seen["calls"].append(("delete vectors", collection, await request.json()))
+        return {"deleted": 2}
+
+    backends = Backends(
+        auth=_client("auth", FastAPI()),
+        feature=FeatureClient(_client("feature", feature)),
+        retrieval=RetrievalClient(_client("retrieval", retrieval)),
+        metadata=MetadataClient(_client("metadata", metadata)),
+    )
+    return backends, seen
+
+
+async def _version(guarded: GuardedRedis, prefix: str) -> Any:
+    return await guarded.client.get(version_key(prefix, "c"))
+
+
+async def test_a_merge_embeds_and_indexes_the_captions_it_added(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    backends, seen = _merge_stubs(ADDED)
+    orchestrator = Orchestrator(backends, ResultCache(guarded, prefix=prefix, ttl_seconds=60))
+    before = await _version(guarded, prefix)
+    merge = ItemMerge(captions=["flag: France", "flag: St. Martin", "flag: Clipperton"])
+    answer = await orchestrator.merge_item(7, merge)
+    assert seen["calls"] == [("merge", 7, merge.model_dump())]
+    # Only the added captions are embedded (the first was there), in one call, and upserted
+    # under their caption ids.
+    assert seen["texts"] == [["flag: St. Martin", "flag: Clipperton"]]
+    assert [(u["modality"], u["ids"], u["model_id"]) for u in seen["upserts"]] == [
+        ("text", [71, 72], "m1")
+    ]
+    assert answer["added_captions"] == ADDED
+    assert answer["conflicts"] == [{"key": "emoji", "kept": "FR", "offered": "MF"}]
+    assert answer["item"]["image_url"] == "/items/7/image"
+    assert [c["text"] for c in answer["item"]["captions"]] == [
+        "a red circle",
+        "flag: St. Martin",
+        "flag: Clipperton",
+    ]
+    # The collection was written: its cached pages are unreachable.
+    assert await _version(guarded, prefix) != before
+    await backends.aclose()
+
+
+async def test_a_merge_that_adds_nothing_embeds_nothing_and_keeps_the_cache(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    backends, seen = _merge_stubs([])
+    orchestrator = Orchestrator(backends, ResultCache(guarded, prefix=prefix, ttl_seconds=60))
+    await ResultCache(guarded, prefix=prefix, ttl_seconds=60).bump("c")
+    before = await _version(guarded, prefix)
+    answer = await orchestrator.merge_item(7, ItemMerge(captions=["a red circle"]))
+    assert answer["added_captions"] == [] and seen["texts"] == [] and seen["upserts"] == []
+    assert await _version(guarded, prefix) == before
+    await backends.aclose()
+
+
+async def test_a_merge_whose_vectors_cannot_be_stored_takes_its_captions_back(
+    guarded: GuardedRedis, prefix: str
+) -> None:
+    backends, seen = _merge_stubs(ADDED, upsert_status=503, added_tags=["caribbean"])
+    orchestrator = Orchestrator(backends, ResultCache(guarded, prefix=prefix, ttl_seconds=60))
+    before = await _version(guarded, prefix)
+    with pytest.raises(ProblemError) as raised:
+        await orchestrator.merge_item(7, ItemMerge(captions=["flag: St. Martin"]))
+    assert raised.value.status == 503
+    # The captions go from metadata first (no search shows them), then their vectors, which
+    # the failed upsert may have stored in part.
+    assert seen["calls"][1:] == [
+        ("take back", 7, [71, 72]),
+        ("delete vectors", "c", {"ids": [71, 72], "modality": "text"}),
+    ]
+    # The tags it added stay, so the collection's pages are stale all the same.
+    assert await _version(guarded, prefix) != before
     await backends.aclose()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -320,6 +321,150 @@ def test_duplicate_policy(client: TestClient, settings: MetadataSettings) -> Non
     assert len(stored_files(settings)) == 1
 
 
+def merge(client: TestClient, item_id: int, **body: Any) -> Any:
+    return client.post(f"/items/{item_id}/merge", json=body)
+
+
+def test_a_duplicate_merges_into_the_indexed_item(client: TestClient) -> None:
+    image = png_bytes((73, 74, 75))
+    item = create_indexed(
+        client,
+        image=image,
+        captions=["flag: France"],
+        tags=["flag"],
+        attributes={"emoji": "FR", "n": 1, "shown": True},
+    )
+    # The same image again, as a second record brings it: answered 409 with the item's id.
+    body = assert_problem(upload(client, image=image), 409, "duplicate_item")
+    assert body["item_id"] == item["id"]
+
+    response = merge(
+        client,
+        body["item_id"],
+        captions=["flag: St. Martin", "  flag:   France ", "flag: St. Martin", "Flag: France"],
+        tags=["flag", "caribbean"],
+        attributes={"emoji": "MF", "n": 1.0, "shown": 1, "region": "caribbean"},
+    )
+    assert response.status_code == 200, response.text
+    merged = response.json()
+    # Captions: the same text once (whitespace does not make another caption, case does).
+    assert [c["text"] for c in merged["added_captions"]] == ["flag: St. Martin", "Flag: France"]
+    assert merged["added_tags"] == ["caribbean"]
+    assert merged["added_attributes"] == ["region"]
+    # The item's values win: 1 and 1.0 are equal, true and 1 are not.
+    assert merged["conflicts"] == [
+        {"key": "emoji", "kept": "FR", "offered": "MF"},
+        {"key": "shown", "kept": True, "offered": 1},
+    ]
+    after = client.get(f"/items/{item['id']}").json()
+    assert after == merged["item"]
+    assert [c["text"] for c in after["captions"]] == [
+        "flag: France",
+        "flag: St. Martin",
+        "Flag: France",
+    ]
+    assert after["captions"][0] == item["captions"][0]  # kept, same id
+    assert [c["id"] for c in after["captions"][1:]] == [c["id"] for c in merged["added_captions"]]
+    assert after["tags"] == ["flag", "caribbean"]
+    assert after["attributes"] == {"emoji": "FR", "n": 1, "shown": True, "region": "caribbean"}
+    assert after["status"] == "indexed" and after["updated_at"] > item["updated_at"]
+    # The new words are searchable, the new captions are captions of the item, and the filter's
+    # allow-list lists them.
+    assert [hit["id"] for hit in keyword(client, "martin")] == [item["id"]]
+    found = keyword(client, "martin", target="text")
+    assert [hit["id"] for hit in found] == [merged["added_captions"][0]["id"]]
+    assert [hit["id"] for hit in keyword(client, "caribbean")] == [item["id"]]
+    allowed = client.post("/collections/photos/filter", json={"filters": {"region": "caribbean"}})
+    assert allowed.json() == {
+        "item_ids": [item["id"]],
+        "caption_ids": [c["id"] for c in after["captions"]],
+    }
+
+    # The same merge again adds nothing and changes nothing.
+    again = merge(client, item["id"], captions=["flag: St. Martin"], tags=["caribbean"])
+    assert again.status_code == 200, again.text
+    assert again.json()["added_captions"] == [] and again.json()["added_tags"] == []
+    assert again.json()["item"] == after
+    empty = merge(client, item["id"])
+    assert empty.status_code == 200 and empty.json()["item"] == after
+
+
+def test_merge_takes_indexed_items_only_and_keeps_their_limits(client: TestClient) -> None:
+    pending = create(client, captions=["pending"])
+    body = assert_problem(merge(client, pending["id"], captions=["x"]), 409, "item_not_indexed")
+    assert body["item_id"] == pending["id"] and body["item_status"] == "pending"
+    client.patch(f"/items/{pending['id']}", json={"status": "failed", "error": "boom"})
+    body = assert_problem(merge(client, pending["id"], captions=["x"]), 409, "item_not_indexed")
+    assert body["item_status"] == "failed"
+    assert_problem(merge(client, 987654, captions=["x"]), 404, "item_not_found")
+    assert_problem(merge(client, 2**70, captions=["x"]), 404, "item_not_found")
+
+    # The settings allow 4 captions per item: 3 there and 2 new ones are one too many.
+    item = create_indexed(client, captions=["one", "two", "three"], tags=["t"])
+    body = assert_problem(merge(client, item["id"], captions=["four", "five"]), 409, "item_limit")
+    assert "5 captions" in body["detail"]
+    too_many_tags = [f"tag {n}" for n in range(64)]
+    assert_problem(merge(client, item["id"], tags=too_many_tags), 409, "item_limit")
+    assert client.get(f"/items/{item['id']}").json() == item  # nothing merged
+    # Captions already there do not count: the one new caption fits.
+    response = merge(client, item["id"], captions=["one", "two", "three", "four"])
+    assert [c["text"] for c in response.json()["added_captions"]] == ["four"]
+
+    # Each part is checked as an upload's is.
+    assert_problem(merge(client, item["id"], captions=[" "]), 422, "invalid_caption")
+    assert_problem(merge(client, item["id"], tags=["-bad-"]), 422, "invalid_tag")
+    assert_problem(merge(client, item["id"], attributes={"$x": 1}), 422, "invalid_attributes")
+    assert_problem(merge(client, item["id"], attributes={"x": [1]}), 422, "invalid_attributes")
+    assert_problem(merge(client, item["id"], colour="red"), 422, "validation_error")
+
+
+def test_captions_a_merge_added_can_be_taken_back(client: TestClient) -> None:
+    item = create_indexed(client, captions=["a quiet harbour"], tags=["sea"])
+    other = create_indexed(client, captions=["a busy harbour"])
+    added = merge(client, item["id"], captions=["a lighthouse at dusk"], tags=["light"]).json()
+    (caption,) = added["added_captions"]
+
+    # Ids of another item's captions, or of none, are left alone.
+    response = client.post(
+        f"/items/{item['id']}/captions/delete",
+        json={"ids": [caption["id"], other["captions"][0]["id"], 987654]},
+    )
+    assert response.status_code == 200, response.text
+    assert [c["text"] for c in response.json()["captions"]] == ["a quiet harbour"]
+    assert response.json()["tags"] == ["sea", "light"]  # tags need no vectors: they stay
+    assert keyword(client, "lighthouse") == []
+    assert keyword(client, "dusk", target="text") == []
+    assert client.get(f"/items/{other['id']}").json()["captions"] == other["captions"]
+    lookup = client.post("/captions/lookup", json={"ids": [caption["id"]]})
+    assert lookup.json() == {"captions": []}
+    assert_problem(
+        client.post("/items/987654/captions/delete", json={"ids": [1]}), 404, "item_not_found"
+    )
+
+
+def test_concurrent_merges_into_one_item_keep_every_caption(client: TestClient) -> None:
+    item = create_indexed(client, captions=["start"])
+    answers: list[Any] = []
+
+    def worker(index: int) -> None:
+        answers.append(merge(client, item["id"], captions=[f"caption {index}"], tags=[f"t{index}"]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    after = client.get(f"/items/{item['id']}").json()
+    assert sorted(c["text"] for c in after["captions"]) == [
+        "caption 0",
+        "caption 1",
+        "caption 2",
+        "start",
+    ]
+    assert sorted(after["tags"]) == ["t0", "t1", "t2"]
+
+
 def test_hashes_lookup(client: TestClient) -> None:
     image = png_bytes((80, 81, 82))
     item = create(client, image=image)
@@ -444,6 +589,7 @@ def test_tags_are_trimmed_and_deduplicated(client: TestClient) -> None:
         "s3://bucket/key/a.png",
         "gs://bucket/a.png",
         "https://example.com/@someone/a.png",  # an @ in the path is no credential
+        "\u3000https://example.com/a.png\u00a0",  # Unicode white space is trimmed too
     ],
 )
 def test_source_uri_keeps_links_a_reader_may_follow(client: TestClient, uri: str) -> None:
@@ -469,6 +615,10 @@ def test_source_uri_keeps_links_a_reader_may_follow(client: TestClient, uri: str
         "https://exa mple.com/a.png",
         "https://example.com/a\x00.png",
         "https://example.com/a\n.png",
+        # White space in the host: none could be told from the space trimmed around the URI.
+        "\x0b s3://\u00a0\n\x0c",
+        "https://exa\u3000mple.com/a.png",
+        "https://example.com\x85/a.png",
         "https://" + "x" * 2041,
     ],
 )
