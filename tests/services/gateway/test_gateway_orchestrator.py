@@ -48,6 +48,15 @@ def _client(name: str, app: FastAPI) -> ServiceClient:
     return ServiceClient(name, f"http://{name}", transport=httpx.ASGITransport(app=app))
 
 
+def _backends(feature: ServiceClient, retrieval: FastAPI, metadata: FastAPI) -> Backends:
+    return Backends(
+        auth=_client("auth", FastAPI()),
+        feature=FeatureClient(feature),
+        retrieval=RetrievalClient(_client("retrieval", retrieval)),
+        metadata=MetadataClient(_client("metadata", metadata)),
+    )
+
+
 def _stubs(text_model_id: str = "m1") -> tuple[Backends, dict[str, Any]]:
     seen: dict[str, Any] = {"upserts": [], "text_started": asyncio.Event()}
     feature, retrieval, metadata = FastAPI(), FastAPI(), FastAPI()
@@ -83,13 +92,7 @@ def _stubs(text_model_id: str = "m1") -> tuple[Backends, dict[str, Any]]:
     async def delete(collection: str) -> dict[str, int]:
         return {"deleted": 1}
 
-    backends = Backends(
-        auth=_client("auth", FastAPI()),
-        feature=FeatureClient(_client("feature", feature)),
-        retrieval=RetrievalClient(_client("retrieval", retrieval)),
-        metadata=MetadataClient(_client("metadata", metadata)),
-    )
-    return backends, seen
+    return _backends(_client("feature", feature), retrieval, metadata), seen
 
 
 IMAGE = Upload("a.png", "image/png", b"\x89PNG fake")
@@ -176,13 +179,7 @@ def _merge_stubs(
         seen["calls"].append(("delete vectors", collection, await request.json()))
         return {"deleted": 2}
 
-    backends = Backends(
-        auth=_client("auth", FastAPI()),
-        feature=FeatureClient(_client("feature", feature)),
-        retrieval=RetrievalClient(_client("retrieval", retrieval)),
-        metadata=MetadataClient(_client("metadata", metadata)),
-    )
-    return backends, seen
+    return _backends(_client("feature", feature), retrieval, metadata), seen
 
 
 async def _version(guarded: GuardedRedis, prefix: str) -> Any:
@@ -301,13 +298,8 @@ def _search_stubs(filter_status: int) -> tuple[Backends, dict[str, Any]]:
         return {"item_ids": [], "caption_ids": None}
 
     model = _SlowModel(seen, delay=0 if filter_status == 200 else 10)
-    backends = Backends(
-        auth=_client("auth", FastAPI()),
-        feature=FeatureClient(ServiceClient("feature", "http://feature", transport=model)),
-        retrieval=RetrievalClient(_client("retrieval", FastAPI())),
-        metadata=MetadataClient(_client("metadata", metadata)),
-    )
-    return backends, seen
+    feature = ServiceClient("feature", "http://feature", transport=model)
+    return _backends(feature, FastAPI(), metadata), seen
 
 
 async def test_a_filtered_search_embeds_while_metadata_filters(
