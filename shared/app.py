@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.logs import configure_logging
-from shared.metrics import RequestMiddleware, metrics_endpoint
+from shared.metrics import QUIET_PATHS, RequestMiddleware, metrics_endpoint, start_error_series
 from shared.problems import (
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
@@ -36,8 +36,6 @@ from shared.settings import ServiceSettings
 ReadinessCheck = Callable[[FastAPI], Awaitable[str | None]]
 
 access_log = logging.getLogger("access")
-# Probes and scrapes would drown the log; everything else gets one line.
-_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class AccessLogMiddleware:
@@ -49,7 +47,8 @@ class AccessLogMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in _QUIET_PATHS:
+        if scope["type"] != "http" or scope.get("path") in QUIET_PATHS:
+            # Probes and scrapes would drown the log; everything else gets one line.
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -172,6 +171,20 @@ def _verifying(
     return both
 
 
+def _counting_errors(
+    service: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[Any]]:
+    """``lifespan`` after the error series of every route (all registered by then) start at 0."""
+
+    @asynccontextmanager
+    async def counted(app: FastAPI) -> AsyncIterator[Any]:
+        start_error_series(service, app.routes)
+        async with lifespan(app) as state:
+            yield state
+
+    return counted
+
+
 def build_app(
     service: str,
     *,
@@ -186,6 +199,7 @@ def build_app(
     access-log middleware, so whatever it answers still carries a request id and is logged.
     With ``callers`` (an internal service), every request but the open paths needs a service
     token, checked before ``middleware``; the verifier starts and stops with the lifespan."""
+    lifespan = _counting_errors(service, lifespan)
     if callers is not None:
         lifespan = _verifying(callers, lifespan)
         middleware = [Middleware(ServiceTokenMiddleware, verifier=callers), *middleware]

@@ -2,17 +2,21 @@
 
 Names follow the tutorial's ``multimodal_*`` family so its dashboards and alert rules apply.
 Requests are labelled by route template (``/items/{item_id}``), never by raw path, so label
-cardinality stays bounded.
+cardinality stays bounded. Prometheus' scrapes and the orchestrator's probes (``QUIET_PATHS``) are
+not traffic: they are never counted, so rates, latency percentiles and error ratios describe
+what clients asked.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.context import REQUEST_ID_HEADER, request_id_var
@@ -34,6 +38,7 @@ REQUEST_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _UNMATCHED = "unmatched"
 _MAX_REQUEST_ID = 128
 
@@ -63,6 +68,8 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # By path, not by route: a scrape or probe is quiet whatever the router calls it.
+        counted = scope.get("path") not in QUIET_PATHS
         request_id = _incoming_request_id(scope) or uuid.uuid4().hex
         token = request_id_var.set(request_id)
         status = 500
@@ -77,21 +84,35 @@ class RequestMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        error_type: str | None = None
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
-            ERRORS.labels(self.service, _route_template(scope), type(exc).__name__).inc()
+            error_type = type(exc).__name__
             raise
         finally:
-            endpoint = _route_template(scope)
-            if endpoint != "/metrics":
+            if counted:
+                endpoint = _route_template(scope)
                 REQUESTS.labels(self.service, endpoint, scope["method"], str(status)).inc()
                 REQUEST_DURATION.labels(self.service, endpoint).observe(
                     time.perf_counter() - started
                 )
-                if status >= 500:
-                    ERRORS.labels(self.service, endpoint, f"http_{status}").inc()
+                # One count per failed request: by exception type when one escaped, else by
+                # status (the 500 an escaped exception becomes is the same failure).
+                if error_type is None and status >= 500:
+                    error_type = f"http_{status}"
+                if error_type is not None:
+                    ERRORS.labels(self.service, endpoint, error_type).inc()
             request_id_var.reset(token)
+
+
+def start_error_series(service: str, routes: Iterable[BaseRoute]) -> None:
+    """Create each route's ``http_500`` error series at 0, so an error ratio reads 0 in a
+    healthy stack instead of having no data."""
+    for route in routes:
+        path = getattr(route, "path", None)
+        if path and path not in QUIET_PATHS and isinstance(route, Route):
+            ERRORS.labels(service, path, "http_500")
 
 
 async def metrics_endpoint(_: Request) -> Response:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import orjson
+from prometheus_client import Histogram
 
 from services.gateway.cache import ResultCache
 from services.gateway.embeddings import EmbeddingCache, ModelIdCache, normalise_text, text_digest
@@ -36,6 +39,31 @@ from shared.http import ServiceClient
 from shared.problems import ProblemError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
+
+SEARCH_STAGE_SECONDS = Histogram(
+    "gateway_search_stage_seconds",
+    "Time a search spent in each stage, seen from the gateway: cache_lookup (Redis, before), "
+    "embed (the feature service, when the query's vector was not cached), filter (metadata's "
+    "allow-list), search (retrieval), keyword (metadata's full-text ranking), hydrate "
+    "(metadata's items for the page), cache_save (Redis, after). Stages can overlap.",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+# Bound once (and so present at 0 before the first search).
+_STAGES = {
+    stage: SEARCH_STAGE_SECONDS.labels(stage)
+    for stage in ("cache_lookup", "embed", "filter", "search", "keyword", "hydrate", "cache_save")
+}
+
+
+@contextmanager
+def _stage(name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _STAGES[name].observe(time.perf_counter() - started)
+
 
 # Candidates taken from each ranking before a hybrid search fuses them.
 HYBRID_CANDIDATES = 100
@@ -124,7 +152,8 @@ class QueryEmbedding:
 
     async def __call__(self) -> tuple[np.ndarray, str]:
         if self._vector is None:
-            vector, model_id = await self._compute()
+            with _stage("embed"):
+                vector, model_id = await self._compute()
             if self._models is not None:
                 self._models.learn(model_id)
             self._vector, self._computed = (vector, model_id), True
@@ -245,7 +274,8 @@ class Orchestrator:
             "collection": collection,
             "filters": filters,
         }
-        found = await self.cache.lookup(parts, embed.key if embed is not None else None, charge)
+        with _stage("cache_lookup"):
+            found = await self.cache.lookup(parts, embed.key if embed is not None else None, charge)
         if found.page is not None:
             return SearchResult(found.page, cached=True)
         if embed is not None:
@@ -259,7 +289,8 @@ class Orchestrator:
             "results": await self._hydrate(collection, hits, target),
         }
         page = orjson.dumps(body)
-        await self.cache.save(found.key, page, embed.entry() if embed is not None else None)
+        with _stage("cache_save"):
+            await self.cache.save(found.key, page, embed.entry() if embed is not None else None)
         return SearchResult(page, cached=False)
 
     async def _vector_hits(
@@ -273,9 +304,10 @@ class Orchestrator:
             embedding = asyncio.ensure_future(embed())
             embedding.add_done_callback(_retrieve_outcome)
             try:
-                allowed = await self.backends.metadata.filter(
-                    collection, FilterRequest(filters=filters, target=target)
-                )
+                with _stage("filter"):
+                    allowed = await self.backends.metadata.filter(
+                        collection, FilterRequest(filters=filters, target=target)
+                    )
             except BaseException:
                 embedding.cancel()
                 raise
@@ -285,26 +317,28 @@ class Orchestrator:
                 return [], model_id
         else:
             vector, model_id = await embed()
-        found = await self.backends.retrieval.search(
-            collection,
-            SearchRequest(
-                modality=target,
-                vectors_base64=encode_vectors(vector[np.newaxis]),
-                top_k=top_k,
-                allow_ids=allow_ids,
-                model_id=model_id,
-            ),
-        )
+        with _stage("search"):
+            found = await self.backends.retrieval.search(
+                collection,
+                SearchRequest(
+                    modality=target,
+                    vectors_base64=encode_vectors(vector[np.newaxis]),
+                    top_k=top_k,
+                    allow_ids=allow_ids,
+                    model_id=model_id,
+                ),
+            )
         return [Ranked(hit.id, hit.score) for hit in found.results[0]], model_id
 
     async def _keyword_hits(
         self, query: str, target: Target, top_k: int, collection: str, filters: Filters | None
     ) -> list[Ranked]:
         """Full-text matches over captions and tags, best first (the metadata service ranks)."""
-        found = await self.backends.metadata.keyword_search(
-            collection,
-            KeywordSearchRequest(query=query, top_k=top_k, target=target, filters=filters),
-        )
+        with _stage("keyword"):
+            found = await self.backends.metadata.keyword_search(
+                collection,
+                KeywordSearchRequest(query=query, top_k=top_k, target=target, filters=filters),
+            )
         return [Ranked(hit.id, hit.score) for hit in found.results]
 
     async def _hydrate(
@@ -314,9 +348,10 @@ class Orchestrator:
         item is gone or not yet indexed are dropped rather than shown half-made."""
         if not hits:
             return []
-        answer = await self.backends.metadata.hits(
-            collection, HitsRequest(target=target, ids=[hit.id for hit in hits])
-        )
+        with _stage("hydrate"):
+            answer = await self.backends.metadata.hits(
+                collection, HitsRequest(target=target, ids=[hit.id for hit in hits])
+            )
         found = {entry.id: entry for entry in answer.hits}
         results: list[dict[str, Any]] = []
         for hit in hits:

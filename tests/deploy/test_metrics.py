@@ -102,6 +102,8 @@ def test_the_expected_metrics_are_queried() -> None:
         "multimodal_errors_total",
         "multimodal_request_duration_seconds_bucket",
         "multimodal_model_inference_ms",
+        "feature_input_inference_seconds_bucket",
+        "gateway_search_stage_seconds_bucket",
         "multimodal_cache_hit_ratio",
         "retrieval_vectors",
     } <= set(USED)

@@ -122,3 +122,61 @@ def test_probes() -> None:
         assert client.get("/healthz").status_code == 200
         body = _assert_problem(client.get("/readyz"), 503, "not_ready")
         assert body["detail"] == "model not loaded"
+
+
+def _samples(text: str, metric: str, service: str) -> dict[str, float]:
+    """``metric``'s samples of ``service`` in an exposition, by their label text."""
+    found = {}
+    for match in re.finditer(rf"^{metric}\{{(.*)\}} (\S+)$", text, re.M):
+        if f'service="{service}"' in match.group(1):
+            found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def test_scrapes_and_probes_are_not_traffic() -> None:
+    with TestClient(build_quiet_app()) as client:
+        for _ in range(3):
+            client.get("/metrics")
+            client.get("/healthz")
+            client.get("/readyz")
+        client.get("/things/1")
+        text = client.get("/metrics").text
+    requests = _samples(text, "multimodal_requests_total", "quietsvc")
+    durations = _samples(text, "multimodal_request_duration_seconds_count", "quietsvc")
+    # The one request a client made, and nothing else: no scrape, no probe, no "unmatched".
+    assert list(requests.values()) == [1.0], requests
+    assert all('endpoint="/things/{thing_id}"' in labels for labels in [*requests, *durations])
+
+
+def build_quiet_app() -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+
+    async def readiness(_: FastAPI) -> str | None:
+        return None
+
+    app = build_app("quietsvc", lifespan=lifespan, readiness=readiness)
+
+    @app.get("/things/{thing_id}")
+    async def get_thing(thing_id: int) -> dict[str, int]:
+        return {"id": thing_id}
+
+    return app
+
+
+def test_an_error_is_counted_once_and_error_series_start_at_zero() -> None:
+    with TestClient(make_app(), raise_server_exceptions=False) as client:
+        before = _samples(client.get("/metrics").text, "multimodal_errors_total", "testsvc")
+        # Every route's series exists from the start, so a 5xx ratio reads 0, not "no data".
+        assert {
+            'endpoint="/things/{thing_id}",error_type="http_500",service="testsvc"',
+            'endpoint="/things",error_type="http_500",service="testsvc"',
+        } <= before.keys()
+        assert not any("/healthz" in labels or "/metrics" in labels for labels in before)
+        client.get("/things/13")  # an unhandled RuntimeError: one 500
+        after = _samples(client.get("/metrics").text, "multimodal_errors_total", "testsvc")
+    grown = {labels: n - before.get(labels, 0.0) for labels, n in after.items()}
+    assert {labels: n for labels, n in grown.items() if n} == {
+        'endpoint="/things/{thing_id}",error_type="RuntimeError",service="testsvc"': 1.0
+    }

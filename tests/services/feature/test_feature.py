@@ -14,10 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from crossmodal.demo.shapes import demo_collection, render
 from services.feature.app import create_app
 from services.feature.images import decode_image
+from services.feature.metrics import observe_batch
 from services.feature.model import ModelLoadError, TransformersEmbedder, default_model_id
 from services.feature.settings import FeatureSettings
 from shared.contracts.feature import ImageEmbeddings, TextEmbeddings
@@ -380,6 +382,23 @@ def test_metrics(client: TestClient) -> None:
     # Nothing is waiting once the answers are in.
     assert 'feature_queue_depth{modality="image"} 0.0' in metrics
     assert 'feature_admitted_inputs{modality="text"} 0.0' in metrics
+
+
+def test_inference_time_is_counted_once_per_input() -> None:
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"modality": "text", **labels}) or 0.0
+
+    names = {
+        "count": ("feature_input_inference_seconds_count", {}),
+        "sum": ("feature_input_inference_seconds_sum", {}),
+        "le 0.25": ("feature_input_inference_seconds_bucket", {"le": "0.25"}),
+        "le 0.5": ("feature_input_inference_seconds_bucket", {"le": "0.5"}),
+        "passes": ("feature_inference_seconds_count", {}),
+    }
+    before = {key: sample(name, **labels) for key, (name, labels) in names.items()}
+    observe_batch("text", 5, 0.3)  # one pass of 0.3 s over 5 inputs
+    grown = {key: sample(name, **labels) - before[key] for key, (name, labels) in names.items()}
+    assert grown == pytest.approx({"count": 5, "sum": 1.5, "le 0.25": 0, "le 0.5": 5, "passes": 1})
 
 
 def metric_value(client: TestClient, prefix: str) -> float:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import REGISTRY
 
 from services.gateway.cache import ResultCache, version_key
 from services.gateway.orchestrator import Backends, Orchestrator, Upload
@@ -307,6 +308,7 @@ async def test_a_filtered_search_embeds_while_metadata_filters(
 ) -> None:
     backends, seen = _search_stubs(200)
     orchestrator = Orchestrator(backends, ResultCache(guarded, prefix=prefix, ttl_seconds=60))
+    before = _stage_counts()
     result = await asyncio.wait_for(
         orchestrator.search_text(
             "a red circle", target="image", top_k=5, collection="c", filters={"colour": "red"}
@@ -317,7 +319,27 @@ async def test_a_filtered_search_embeds_while_metadata_filters(
     page = orjson.loads(result.body)
     assert page["results"] == [] and page["model_id"] == "m1"
     assert not seen["embed_cancelled"]
+    # Each stage it went through is timed once; retrieval and hydration were never asked.
+    grown = {stage: n - before[stage] for stage, n in _stage_counts().items()}
+    assert grown == {
+        "cache_lookup": 1,
+        "embed": 1,
+        "filter": 1,
+        "search": 0,
+        "keyword": 0,
+        "hydrate": 0,
+        "cache_save": 1,
+    }
     await backends.aclose()
+
+
+def _stage_counts() -> dict[str, float]:
+    stages = ("cache_lookup", "embed", "filter", "search", "keyword", "hydrate", "cache_save")
+    return {
+        stage: REGISTRY.get_sample_value("gateway_search_stage_seconds_count", {"stage": stage})
+        or 0.0
+        for stage in stages
+    }
 
 
 async def test_a_refused_filter_abandons_the_embedding(guarded: GuardedRedis, prefix: str) -> None:
