@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from typing import Any
 from benchmarks.e2e import (
     COLLECTION,
     UNLIMITED,
+    cpu_snapshot,
     free_port,
     machine,
     model_info,
@@ -165,17 +167,28 @@ def rss_snapshot(pids: dict[str, int]) -> dict[str, int]:
 
 def run_sampled(
     pending: Any, pids: dict[str, int], interval_s: float
-) -> tuple[MixResult, list[tuple[float, dict[str, int]]]]:
+) -> tuple[MixResult, list[tuple[float, dict[str, int]]], list[tuple[float, dict[str, float]]]]:
     """Wait for a mixed run submitted to the load process (``LoadProcess.submit_mix``),
-    sampling every process' RSS each ``interval_s``; samples are (seconds into the run by the
-    load process' clock, {process: KiB}), those outside the run left out."""
-    stamped: list[tuple[float, dict[str, int]]] = []
+    sampling every process' RSS and CPU time each ``interval_s``. Returns the run, the RSS
+    samples (seconds into the run by the load process' clock, {process: KiB}) and each
+    process' CPU use between samples (same clock, {process: % of a core}), those outside the
+    run left out: the CPU shows what a latency spike coincides with."""
+    stamped: list[tuple[float, dict[str, int], dict[str, float]]] = []
     while not pending.ready():
-        stamped.append((time.time(), rss_snapshot(pids)))
+        stamped.append((time.time(), rss_snapshot(pids), cpu_snapshot(pids)))
         pending.wait(interval_s)
     result: MixResult = pending.get()
-    samples = [(t - result.started_at, rss) for t, rss in stamped]
-    return result, [(t, rss) for t, rss in samples if 0 <= t <= result.seconds]
+
+    def inside(t: float) -> bool:
+        return 0 <= t - result.started_at <= result.seconds
+
+    rss = [(t - result.started_at, r) for t, r, _ in stamped if inside(t)]
+    cpu = [
+        (t1 - result.started_at, {n: (c1[n] - c0[n]) / (t1 - t0) * 100 for n in c1 if n in c0})
+        for (t0, _, c0), (t1, _, c1) in itertools.pairwise(stamped)
+        if inside(t1)
+    ]
+    return result, rss, cpu
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -311,7 +324,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                 file=sys.stderr,
             )
             pending = load.submit_mix(work, args.minutes * 60, rate, args.connections)
-            result, samples = run_sampled(pending, pids, args.interval)
+            result, samples, cpu = run_sampled(pending, pids, args.interval)
         with httpx.Client(base_url=gateway, timeout=30) as client:
             auth = {"Authorization": f"Bearer {_token(gateway)}"}
             described = client.get(f"/collections/{run_id}", headers=auth).json()
@@ -320,6 +333,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     finally:
         stack.stop()
     return summarize(args, argv, result, samples, capacity, rate, cap, described, notes, env) | {
+        "cpu_samples": cpu,
         "elapsed_s": time.monotonic() - started,
         "data_dir": str(data_dir),
         "model_id": model_id,
