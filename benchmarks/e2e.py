@@ -225,11 +225,12 @@ def free_port() -> int:
 
 
 def model_info(name: str) -> tuple[Path, str, int]:
-    """(model folder, the model id the feature service will report, dimension)."""
+    """(model folder, the model id the feature service will report, dimension) of a model of
+    ``MODELS`` or of a model folder."""
     from benchmarks.feature import model_dir
     from services.feature.model import default_model_id
 
-    path = model_dir("emoji" if name == "demo" else name)
+    path = Path(name) if Path(name).is_dir() else model_dir("emoji" if name == "demo" else name)
     config = json.loads((path / "config.json").read_text())
     dim = config.get("projection_dim") or config.get("text_config", {}).get("projection_dim")
     if not dim:
