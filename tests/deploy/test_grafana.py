@@ -1,4 +1,4 @@
-"""deploy/grafana: the provisioning files and the overview dashboard."""
+"""deploy/grafana: the provisioning files and the dashboards (overview; model and index)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,34 @@ import pytest
 import yaml
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
-DASHBOARD = GRAFANA / "dashboards" / "crossmodal-overview.json"
+DASHBOARDS = {
+    "crossmodal-overview": GRAFANA / "dashboards" / "crossmodal-overview.json",
+    "crossmodal-model-index": GRAFANA / "dashboards" / "crossmodal-model-index.json",
+}
 # Grafana's variables, replaced by something PromQL accepts before promtool parses the queries.
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$service": ".*", "$job": ".*"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$service": ".*",
+    "$job": ".*",
+    "$collection": ".*",
+}
 
 
-def _dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+def _dashboard(uid: str = "crossmodal-overview") -> dict[str, Any]:
+    return json.loads(DASHBOARDS[uid].read_text(encoding="utf-8"))
 
 
-def _panels() -> list[dict[str, Any]]:
+def _panels(uid: str = "crossmodal-overview") -> list[dict[str, Any]]:
     panels = []
-    for panel in _dashboard()["panels"]:
+    for panel in _dashboard(uid)["panels"]:
         panels.append(panel)
         panels.extend(panel.get("panels", []))  # collapsed rows
     return [p for p in panels if p.get("type") != "row"]
 
 
-def _exprs() -> list[str]:
-    return [target["expr"] for panel in _panels() for target in panel.get("targets", [])]
+def _exprs(uid: str = "crossmodal-overview") -> list[str]:
+    return [target["expr"] for panel in _panels(uid) for target in panel.get("targets", [])]
 
 
 def _flat(expr: str) -> str:
@@ -55,12 +64,17 @@ def test_dashboards_are_provisioned() -> None:
     )
     (provider,) = config["providers"]
     assert provider["type"] == "file"
+    # The provider loads every file of the directory: each one must be a dashboard listed here.
+    assert set((GRAFANA / "dashboards").iterdir()) == set(DASHBOARDS.values())
 
 
-def test_dashboard_is_well_formed() -> None:
-    dashboard = _dashboard()
-    assert dashboard["uid"] == "crossmodal-overview"
-    panels = _panels()
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_dashboard_is_well_formed(uid: str) -> None:
+    dashboard = _dashboard(uid)
+    assert dashboard["uid"] == uid
+    datasource = {v["name"]: v for v in dashboard["templating"]["list"]}["datasource"]
+    assert datasource["current"]["value"] == "prometheus"
+    panels = _panels(uid)
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for panel in panels:
@@ -96,10 +110,30 @@ def test_dashboard_shows(feature: str, pattern: str) -> None:
     assert any(re.search(pattern, _flat(expr)) for expr in _exprs()), feature
 
 
-def test_dashboard_queries_are_valid_promql(require_tool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("feature", "pattern"),
+    [
+        ("inference per input", r"histogram_quantile\(0\.95, sum by \(modality, le\) "
+         r"\(rate\(feature_input_inference_seconds_bucket"),
+        ("batch size", r"rate\(feature_batch_size_sum\[.*/ .*rate\(feature_batch_size_count"),
+        ("queue depth", r"\(feature_queue_depth\)"),
+        ("vectors per collection", r"sum by \(collection, modality\) \(retrieval_vectors\{"),
+        ("snapshot age", r"retrieval_snapshot_age_seconds\{"),
+        ("WAL size", r"retrieval_wal_bytes\{"),
+        ("rebuilds", r"increase\(retrieval_index_build_seconds_count\["),
+        ("rebuilding now", r"retrieval_index_rebuilding\{"),
+    ],
+)  # fmt: skip
+def test_model_and_index_dashboard_shows(feature: str, pattern: str) -> None:
+    exprs = _exprs("crossmodal-model-index")
+    assert any(re.search(pattern, _flat(expr)) for expr in exprs), feature
+
+
+@pytest.mark.parametrize("uid", DASHBOARDS)
+def test_dashboard_queries_are_valid_promql(require_tool, tmp_path: Path, uid: str) -> None:
     # promtool parses rule expressions, so the queries go into a throwaway rules file.
     rules = []
-    for index, expr in enumerate(_exprs()):
+    for index, expr in enumerate(_exprs(uid)):
         for variable, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
             expr = expr.replace(variable, value)
         assert "$" not in expr, f"unknown Grafana variable in {expr}"
