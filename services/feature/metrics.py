@@ -62,3 +62,11 @@ def observe_batch(modality: str, size: int, seconds: float, waited: float = 0.0)
     for _ in range(size):
         per_input.observe(seconds)
     BATCH_SIZE.labels(modality).observe(size)
+
+
+# Every modality's series exists from the first scrape at 0: a series born with its first batch
+# already counted has no increase in Prometheus, so a rate over it reads 0 and its quantiles NaN
+# until the next batch.
+for _modality in ("text", "image"):
+    for _family in (INFERENCE_SECONDS, INPUT_INFERENCE_SECONDS, BATCH_SIZE, BATCH_WAIT):
+        _family.labels(_modality)
