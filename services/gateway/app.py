@@ -37,9 +37,9 @@ from services.gateway.schemas import (
     SearchResponse,
     SourceUri,
     Tag,
-    Target,
     TextSearchRequest,
     check_attributes_form,
+    image_search_form_schema,
     not_null,
     one_or_many,
     parse_filters_form,
@@ -54,7 +54,7 @@ from services.gateway.security import (
     settle_admission,
 )
 from services.gateway.settings import GatewaySettings
-from services.gateway.uploads import read_upload
+from services.gateway.uploads import read_image_search_form, read_upload
 from shared.app import BodySizeLimitMiddleware, build_app
 from shared.collections import COLLECTION_NAME_PATTERN
 from shared.contracts.auth import AuthClient
@@ -359,17 +359,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "error is an RFC 9457 problem body (`Problem`) with a stable `code`.",
         middleware=middleware,
     )
-    install_openapi(app)
+    install_openapi(app, {"ImageSearchForm": image_search_form_schema()})
     max_upload = settings.max_upload_bytes
     upload_types = settings.allowed_upload_types
     # The image part's media types, in the document as the settings allow them.
-    image_part = {
+    image_encoding = {"image": {"contentType": ", ".join(upload_types)}}
+    image_part = {"requestBody": {"content": {"multipart/form-data": {"encoding": image_encoding}}}}
+    image_search_body = {
         "requestBody": {
+            "required": True,
             "content": {
                 "multipart/form-data": {
-                    "encoding": {"image": {"contentType": ", ".join(upload_types)}}
+                    "schema": {"$ref": "#/components/schemas/ImageSearchForm"},
+                    "encoding": image_encoding,
                 }
-            }
+            },
         }
     }
 
@@ -454,32 +458,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         responses=problems(*SECURED, 404, 409, 413, 415),
         summary="Search by image: captions (target=text) or similar images (target=image). "
         "Scope search:image.",
-        openapi_extra=image_part,
+        openapi_extra=image_search_body,
     )
     async def search_image(
+        request: Request,
         state: State,
         admission: Annotated[Admission, require_deferred("search:image")],
-        image: Annotated[
-            UploadFile, File(description="The query image.", json_schema_extra=NOT_EMPTY)
-        ],
-        top_k: Annotated[int, Form(ge=1, le=100)] = 10,
-        target: Annotated[Target, Form()] = "text",
-        collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
-        filters: Annotated[
-            str | None,
-            Form(
-                description="A filter (JSON object), as in /search/text",
-                json_schema_extra=component_schema("Filter"),
-            ),
-        ] = None,
     ) -> Response:
-        upload = await read_upload(image, max_upload, upload_types)
+        query = await read_image_search_form(request, max_upload, upload_types)
+        fields = query.fields
         result = await state.orchestrator.search_image(
-            upload,
-            target=target,
-            top_k=top_k,
-            collection=collection,
-            filters=parse_filters_form(filters),
+            query.image,
+            target=fields.target,
+            top_k=fields.top_k,
+            collection=fields.collection,
+            filters=parse_filters_form(fields.filters),
             charge=admission.charge,
         )
         return _search_response(result)

@@ -85,8 +85,12 @@ def links(parameter: str, pointer: str, *operations: tuple[str, str]) -> dict[st
     }
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Generate the document once, with the Problem schema among the components."""
+def install_openapi(app: FastAPI, components: dict[str, dict[str, Any]] | None = None) -> None:
+    """Generate the document once, with the Problem schema among the components, and the
+    ``components`` given (request bodies a route reads itself and names in its
+    ``openapi_extra``)."""
+
+    extra_components = dict(components or {})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -100,6 +104,7 @@ def install_openapi(app: FastAPI) -> None:
             problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(problem.pop("$defs", {}))
             components["Problem"] = problem
+            components.update(extra_components)
             # The filter language and attributes, which fields refer to (component_schema).
             components.update(FILTER_SCHEMAS)
             # FastAPI's own validation-error schemas are never answered: problems replace them.

@@ -105,6 +105,42 @@ class SearchOptions(BaseModel):
         return value
 
 
+def _binary_part(schema: dict[str, Any]) -> None:
+    # A file part, described as FastAPI describes an UploadFile; an empty one is refused.
+    kept = {k: v for k, v in schema.items() if k in ("title", "description")}
+    schema.clear()
+    schema.update({"type": "string", "contentMediaType": "application/octet-stream"})
+    schema.update(NOT_EMPTY | kept)
+
+
+class ImageSearchFields(BaseModel):
+    """The fields of ``POST /search/image``'s form besides the image (text on the wire: top_k
+    is read from its digits)."""
+
+    top_k: int = Field(10, ge=1, le=100)
+    target: Target = "text"
+    collection: str = Field("demo", pattern=COLLECTION_NAME_PATTERN)
+    filters: str | None = Field(None, description="A filter (JSON object), as in /search/text")
+
+
+class _ImageSearchForm(ImageSearchFields):
+    image: bytes = Field(description="The query image.", json_schema_extra=_binary_part)
+
+
+def image_search_form_schema() -> dict[str, Any]:
+    """The ``ImageSearchForm`` component: ``POST /search/image``'s form as the OpenAPI document
+    shows it (``uploads.read_image_search_form`` reads it). ``filters`` is text that holds a
+    Filter; the reference is set here, outside pydantic, which looks for Filter among its own
+    models."""
+    schema = _ImageSearchForm.model_json_schema()
+    schema["title"] = "ImageSearchForm"
+    schema["properties"]["filters"] = filters = {
+        k: v for k, v in schema["properties"]["filters"].items() if k != "default"
+    }
+    component_schema("Filter")(filters)
+    return schema
+
+
 class TextSearchRequest(SearchOptions):
     # Keyword search (alone or in hybrid) needs a word: a letter or a digit (metadata's
     # fulltext.query_terms); it answers invalid_query otherwise.
