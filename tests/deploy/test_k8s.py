@@ -14,7 +14,7 @@ import yaml
 from crossmodal.stack import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
+K8S = ROOT / "deploy" / "k8s" / "base"
 NAMES = [spec.name for spec in SERVICES]
 STATEFUL = {"auth": "/data/auth", "retrieval": "/data/retrieval", "metadata": "/data/metadata"}
 # Manifests kept beside the kustomization but applied by hand (documented in README.md).

@@ -46,7 +46,7 @@ def compose_env(spec: ServiceSpec) -> dict[str, str]:
 def k8s_env(spec: ServiceSpec) -> dict[str, str]:
     docs = [
         doc
-        for path in (ROOT / "deploy/k8s").glob("*.yaml")
+        for path in (ROOT / "deploy/k8s/base").glob("*.yaml")
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
         if doc
     ]
