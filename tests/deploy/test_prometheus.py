@@ -111,3 +111,10 @@ def test_firing_cases_check_the_annotations(name: str) -> None:
             if check["alertname"] == name:
                 for alert in check["exp_alerts"]:
                     assert set(alert["exp_annotations"]) == set(_rules()[name]["annotations"])
+
+
+def test_service_down_watches_the_five_services_alone() -> None:
+    # In a cluster's shared Prometheus, a bare `up == 0` would page for every other application.
+    expr = _rules()["ServiceDown"]["expr"].strip()
+    jobs = "|".join(spec.name for spec in SERVICES)
+    assert expr == f'up{{job=~"{jobs}"}} == 0'
