@@ -47,6 +47,28 @@ def test_promtool_check_config(require_tool) -> None:
     _promtool(require_tool, "check", "config", "prometheus.yml")
 
 
+def test_promtool_check_config_for_kubernetes(require_tool) -> None:
+    _promtool(require_tool, "check", "config", "prometheus-kubernetes.yml")
+
+
+def test_kubernetes_config_scrapes_the_metrics_port_with_the_service_as_job() -> None:
+    # For clusters without the Prometheus Operator: the same jobs as prometheus.yml and the
+    # PodMonitors, so alerts.yml (loaded here too) and the dashboards work unchanged.
+    config = _yaml("prometheus-kubernetes.yml")
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    (sd,) = job["kubernetes_sd_configs"]
+    assert sd["role"] == "pod" and sd["namespaces"]["names"] == ["crossmodal"]
+    relabel = job["relabel_configs"]
+    keep = {r["source_labels"][0]: r["regex"] for r in relabel if r.get("action") == "keep"}
+    assert keep["__meta_kubernetes_pod_container_port_name"] == "metrics"
+    assert keep["__meta_kubernetes_pod_annotation_prometheus_io_scrape"] == "true"
+    targets = {r["target_label"]: r["source_labels"] for r in relabel if "target_label" in r}
+    assert targets["job"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"]
+    assert "service" not in targets
+
+
 def test_promtool_check_rules(require_tool) -> None:
     _promtool(require_tool, "check", "rules", "alerts.yml")
 
