@@ -50,9 +50,13 @@ def k8s_env(spec: ServiceSpec) -> dict[str, str]:
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
         if doc
     ]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "crossmodal-config"
+    )["data"]
     workload = next(
-        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == spec.name
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == spec.name
     )
     (container,) = workload["spec"]["template"]["spec"]["containers"]
     env = {k: str(v) for k, v in config.items()}
