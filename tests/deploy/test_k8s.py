@@ -1,10 +1,17 @@
-"""deploy/k8s: every manifest parses and validates against the Kubernetes schemas, and the
-workloads agree with the stack table (crossmodal/stack.py) and are hardened."""
+"""deploy/k8s: the base's manifests parse and validate against the Kubernetes schemas, agree
+with the stack table (crossmodal/stack.py) and are hardened; every overlay, and prod with the
+optional components, renders with `kubectl kustomize` and validates too; the PrometheusRule is
+alerts.yml's rules."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import shutil
 import subprocess
+import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,7 @@ STATEFUL = {
     "metadata": "/data/metadata",
     "redis": "/data",
 }
-# Stateless, so replicated: spread over nodes, a PDB each.
+# Stateless, so replicated: spread over nodes, a PDB each, an HPA each in prod.
 REPLICATED = {"gateway", "feature"}
 # Manifests kept beside the kustomization but applied by hand (documented in README.md).
 OPTIONAL = {
@@ -34,9 +41,21 @@ OPTIONAL = {
     "service-clients.secret.example.yaml",
     "redis.secret.example.yaml",
 }
-# The oldest Kubernetes minor these manifests promise to work on.
+# The oldest Kubernetes minor these manifests promise to work on; rendered overlays are also
+# checked against the newest schemas kubernetes-validate has (removed or renamed fields).
 KUBERNETES_VERSION = "1.30"
 WORKLOADS = {"Deployment", "StatefulSet"}
+# Custom resources of the Prometheus Operator: no schema in kubernetes-validate, checked below.
+OPERATOR_GROUP = "monitoring.coreos.com"
+# What `kubectl kustomize` renders: the overlays, and prod with every optional component.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "base": ("base", []),
+    "dev": ("overlays/dev", []),
+    "prod": ("overlays/prod", []),
+    "prod+gpu": ("overlays/prod", ["gpu"]),
+    "prod+feature-queue-hpa": ("overlays/prod", ["feature-queue-hpa"]),
+    "prod+gpu+feature-queue-hpa": ("overlays/prod", ["gpu", "feature-queue-hpa"]),
+}
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
@@ -543,14 +562,233 @@ def test_the_gateway_is_the_only_exposed_service() -> None:
     )
 
 
-def test_kustomize_renders() -> None:
+# ---- the PrometheusRule and the monitoring component ----------------------------------------
+
+
+def _generator() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "gen_prometheusrule", DEPLOY / "gen_prometheusrule.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_prometheus_rule_is_generated_from_alerts_yml() -> None:
+    generator = _generator()
+    committed = generator.OUTPUT.read_text(encoding="utf-8")
+    assert committed == generator.render(), "run `make k8s-rules` after changing alerts.yml"
+    # And the same rules, whatever the formatting.
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text(encoding="utf-8"))
+    (rule,) = _load(generator.OUTPUT)
+    assert rule["kind"] == "PrometheusRule" and rule["apiVersion"] == f"{OPERATOR_GROUP}/v1"
+    assert rule["spec"]["groups"] == alerts["groups"]
+
+
+MONITORING_DIR = DEPLOY / "components" / "monitoring"
+
+
+def test_monitoring_component_lists_its_files() -> None:
+    component = yaml.safe_load((MONITORING_DIR / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert component["kind"] == "Component"
+    assert component["resources"] == ["podmonitors.yaml", "prometheusrule.yaml"]
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_a_pod_monitor_scrapes_every_metrics_port(spec) -> None:
+    monitors = _load(MONITORING_DIR / "podmonitors.yaml")
+    assert {m["kind"] for m in monitors} == {"PodMonitor"}  # no ServiceMonitor: see the file
+    monitor = _find("PodMonitor", spec.name, monitors)
+    assert monitor["metadata"]["namespace"] == "crossmodal"
+    assert _matches(monitor["spec"]["selector"], pod_labels(_workload(spec.name)))
+    # up{job="<service>"}, as in prometheus.yml and the ServiceDown alert.
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert pod_labels(_workload(spec.name))["app.kubernetes.io/name"] == spec.name
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    (container,) = _workload(spec.name)["spec"]["template"]["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"} in container[
+        "ports"
+    ]
+
+
+# ---- rendered overlays (kubectl kustomize) ---------------------------------------------------
+
+
+@cache
+def _render(variant: str) -> tuple[dict[str, Any], ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed (optional: the file checks above cover the rest)")
-    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True)
+        # Not in Debian, so not on CI; the checks of the base's files above still run there.
+        pytest.skip("kubectl is not installed (it renders the overlays: kubectl kustomize)")
+    path, components = VARIANTS[variant]
+    target = DEPLOY / path
+    if components:
+        # A throw-away overlay: the variant plus the components. kustomize wants relative paths.
+        workdir = Path(tempfile.mkdtemp(prefix="crossmodal-k8s-"))
+        relative = os.path.relpath(DEPLOY, workdir)
+        (workdir / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [f"{relative}/{path}"],
+                    "components": [f"{relative}/components/{c}" for c in components],
+                }
+            ),
+            encoding="utf-8",
+        )
+        target = workdir
+    try:
+        result = subprocess.run(
+            [kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        if components:
+            shutil.rmtree(target, ignore_errors=True)
     assert result.returncode == 0, result.stderr
-    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def _rendered(variant: str) -> list[dict[str, Any]]:
+    return list(_render(variant))
+
+
+def test_kustomize_renders() -> None:
+    rendered = _rendered("base")
     assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
         (d["kind"], d["metadata"]["name"]) for d in DOCS
     )
     assert {d["metadata"].get("namespace", "crossmodal") for d in rendered} == {"crossmodal"}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_validates(require_module, variant: str) -> None:
+    rendered = _rendered(variant)
+    validator = require_module("kubernetes_validate")
+    newest = ".".join(validator.latest_version().split(".")[:2])
+    for doc in rendered:
+        assert doc["metadata"].get("namespace", "crossmodal") == "crossmodal", doc["metadata"]
+        if doc["apiVersion"].startswith(f"{OPERATOR_GROUP}/"):
+            continue  # a custom resource: test_a_pod_monitor_... and the rule test check them
+        for version in sorted({KUBERNETES_VERSION, newest}):
+            error = _schema_error(validator, json.dumps(doc, sort_keys=True), version)
+            assert error is None, f"{variant}: {doc['kind']}/{doc['metadata']['name']}: {error}"
+
+
+@cache
+def _schema_error(validator: Any, doc: str, version: str) -> str | None:
+    # Variants share most objects: each distinct one is validated once per version.
+    try:
+        validator.validate(json.loads(doc), version, strict=True)
+    except Exception as exc:  # its errors carry the detail in .message
+        return f"({version}) {getattr(exc, 'message', exc)}"
+    return None
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_is_hardened_with_requests_and_limits(variant: str) -> None:
+    rendered = _rendered(variant)
+    _check_resources(rendered)
+    _check_hardened(rendered)
+    _check_disruption_budgets(rendered)
+    assert not [d for d in rendered if d["kind"] == "Secret"], "a Secret in the rendered output"
+
+
+def test_dev_runs_one_pod_each_without_autoscaling_or_operator_objects() -> None:
+    rendered = _rendered("dev")
+    for doc in rendered:
+        if doc["kind"] in WORKLOADS:
+            assert doc["spec"]["replicas"] == 1, doc["metadata"]["name"]
+    kinds = {d["kind"] for d in rendered}
+    assert "HorizontalPodAutoscaler" not in kinds
+    assert not {d["apiVersion"] for d in rendered if d["apiVersion"].startswith(OPERATOR_GROUP)}
+
+
+@pytest.mark.parametrize("variant", ["prod", "prod+feature-queue-hpa"])
+def test_prod_scales_the_replicated_services_with_hpas(variant: str) -> None:
+    rendered = _rendered(variant)
+    autoscalers = {
+        d["metadata"]["name"]: d for d in rendered if d["kind"] == "HorizontalPodAutoscaler"
+    }
+    assert set(autoscalers) == REPLICATED
+    for name, hpa in autoscalers.items():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        workload = _find("Deployment", name, rendered)
+        # The HPA owns the count: an apply that set replicas would undo its scaling.
+        assert "replicas" not in workload["spec"]
+        assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+        cpu = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
+        assert cpu == [
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": 70},
+                },
+            }
+        ]
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        assert container["resources"]["requests"]["cpu"]  # utilization is against the request
+    # The monitoring component comes with prod.
+    kinds = {(d["apiVersion"], d["kind"]) for d in rendered}
+    assert (f"{OPERATOR_GROUP}/v1", "PodMonitor") in kinds
+    assert (f"{OPERATOR_GROUP}/v1", "PrometheusRule") in kinds
+    for workload in [d for d in rendered if d["kind"] == "StatefulSet"]:
+        assert workload["spec"]["replicas"] == 1
+
+
+def test_the_feature_hpa_scales_on_the_queue_with_the_adapter_component() -> None:
+    plain = _find("HorizontalPodAutoscaler", "feature", _rendered("prod"))
+    hpa = _find("HorizontalPodAutoscaler", "feature", _rendered("prod+feature-queue-hpa"))
+    added = [m for m in hpa["spec"]["metrics"] if m not in plain["spec"]["metrics"]]
+    (metric,) = added
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    # A metric the feature service exports ...
+    code = (ROOT / "services" / "feature" / "metrics.py").read_text(encoding="utf-8")
+    assert f'"{name}"' in code
+    # ... and one the documented prometheus-adapter rule serves under that name.
+    example = ROOT / "deploy/k8s/components/feature-queue-hpa/prometheus-adapter-rules.example.yaml"
+    (rule,) = yaml.safe_load(example.read_text(encoding="utf-8"))["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(f"{name}{{")
+    assert rule["name"]["as"] == name
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+    # The other HPA is untouched.
+    assert _find("HorizontalPodAutoscaler", "gateway", _rendered("prod+feature-queue-hpa")) == (
+        _find("HorizontalPodAutoscaler", "gateway", _rendered("prod"))
+    )
+
+
+def test_the_gpu_component_changes_the_feature_pod_alone() -> None:
+    plain = {(d["kind"], d["metadata"]["name"]): d for d in _rendered("prod")}
+    gpu = {(d["kind"], d["metadata"]["name"]): d for d in _rendered("prod+gpu")}
+    assert set(plain) == set(gpu)
+    changed = {key for key in plain if plain[key] != gpu[key]}
+    assert changed == {("Deployment", "feature")}
+    pod = gpu[("Deployment", "feature")]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert _env(container)["FEATURE_DEVICE"]["value"] == "cuda"  # no silent fall-back to CPU
+    # The CUDA build of the base's tag.
+    (before,) = plain[("Deployment", "feature")]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == before["image"] + "-cuda"
+    for (kind, name), doc in gpu.items():
+        if kind in WORKLOADS and name != "feature":
+            text = json.dumps(doc)
+            assert "nvidia.com/gpu" not in text and "tolerations" not in text, name
+
+
+def test_the_gpu_device_setting_exists() -> None:
+    from services.feature.settings import FeatureSettings
+
+    assert FeatureSettings(device="cuda").device == "cuda"
