@@ -48,7 +48,16 @@ def test_promtool_check_config(require_tool) -> None:
 
 
 def test_promtool_check_config_for_kubernetes(require_tool) -> None:
-    _promtool(require_tool, "check", "config", "prometheus-kubernetes.yml")
+    result = subprocess.run(
+        [require_tool("promtool"), "check", "config", "prometheus-kubernetes.yml"],
+        cwd=PROMETHEUS,
+        capture_output=True,
+        text=True,
+    )
+    if "field kubernetes_sd_configs not found" in result.stdout + result.stderr:
+        # Debian's prometheus package (what CI installs) is built without Kubernetes discovery.
+        pytest.skip("this promtool has no Kubernetes service discovery (Debian's build)")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_kubernetes_config_scrapes_the_metrics_port_with_the_service_as_job() -> None:
