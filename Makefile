@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 LOCK_VENV := var/lock-venv
 
-.PHONY: install lock run test lint audit format demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m bench-e2e soak gpu-wheels
+.PHONY: install lock run test lint audit format k8s-rules demo-model clean demo-train evaluate-demo bench bench-ingest bench-feature bench-retrieval bench-retrieval-10m bench-e2e soak gpu-wheels
 RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1.5.9 lancedb==0.40.0
 
 # The install steps, shared by `install` (with $(2) = -c constraints.txt) and `lock` (without).
@@ -130,6 +130,11 @@ soak: install
 # 10M x 512 in one collection (IVF-PQ codes + float16 memory map), built resumably.
 bench-retrieval-10m: install
 	$(PY) benchmarks/retrieval.py --scale 10000000
+
+# The PrometheusRule of deploy/k8s/components/monitoring, from deploy/prometheus/alerts.yml (the
+# one source of the alert rules; tests/deploy/test_k8s.py fails while they differ).
+k8s-rules: install
+	$(PY) deploy/k8s/gen_prometheusrule.py
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -191,7 +191,11 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
         # One failure is enough to stop using Redis for a moment: every search touches it
         # several times, and a hanging Redis must not eat the search's budget.
         redis = GuardedRedis(
-            make_redis_client(settings.redis_url, settings.redis_timeout_seconds),
+            make_redis_client(
+                settings.redis_url,
+                settings.redis_timeout_seconds,
+                settings.redis_password.get_secret_value() if settings.redis_password else None,
+            ),
             CircuitBreaker(
                 "redis", failure_threshold=1, reset_seconds=settings.redis_retry_seconds
             ),

@@ -28,11 +28,12 @@ class RedisUnavailable(Exception):
     """Redis could not be used for this call (down, slow, or skipped while the breaker is open)."""
 
 
-def make_redis_client(url: str, timeout: float) -> redis.Redis:
+def make_redis_client(url: str, timeout: float, password: str | None = None) -> redis.Redis:
     # One immediate retry on a broken connection (a pooled socket from before a Redis restart),
     # none on timeouts, and no backoff sleeps: the breaker does the waiting.
     return redis.Redis.from_url(
         url,
+        password=password,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),

@@ -66,6 +66,9 @@ class GatewaySettings(ServiceSettings):
     retrieval_url: str = "http://127.0.0.1:8003"
     metadata_url: str = "http://127.0.0.1:8004"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis's requirepass, kept out of the URL so it never shows in logs or settings dumps; a
+    # password written in the URL wins.
+    redis_password: SecretStr | None = None
 
     # Per-call limits. Inference on a CPU is the slow step, so the feature service gets more.
     upstream_timeout_seconds: float = Field(5.0, gt=0, le=120)

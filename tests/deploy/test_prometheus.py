@@ -47,6 +47,37 @@ def test_promtool_check_config(require_tool) -> None:
     _promtool(require_tool, "check", "config", "prometheus.yml")
 
 
+def test_promtool_check_config_for_kubernetes(require_tool) -> None:
+    result = subprocess.run(
+        [require_tool("promtool"), "check", "config", "prometheus-kubernetes.yml"],
+        cwd=PROMETHEUS,
+        capture_output=True,
+        text=True,
+    )
+    if "field kubernetes_sd_configs not found" in result.stdout + result.stderr:
+        # Debian's prometheus package (what CI installs) is built without Kubernetes discovery.
+        pytest.skip("this promtool has no Kubernetes service discovery (Debian's build)")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_config_scrapes_the_metrics_port_with_the_service_as_job() -> None:
+    # For clusters without the Prometheus Operator: the same jobs as prometheus.yml and the
+    # PodMonitors, so alerts.yml (loaded here too) and the dashboards work unchanged.
+    config = _yaml("prometheus-kubernetes.yml")
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    (sd,) = job["kubernetes_sd_configs"]
+    assert sd["role"] == "pod" and sd["namespaces"]["names"] == ["crossmodal"]
+    relabel = job["relabel_configs"]
+    keep = {r["source_labels"][0]: r["regex"] for r in relabel if r.get("action") == "keep"}
+    assert keep["__meta_kubernetes_pod_container_port_name"] == "metrics"
+    assert keep["__meta_kubernetes_pod_annotation_prometheus_io_scrape"] == "true"
+    targets = {r["target_label"]: r["source_labels"] for r in relabel if "target_label" in r}
+    assert targets["job"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"]
+    assert "service" not in targets
+
+
 def test_promtool_check_rules(require_tool) -> None:
     _promtool(require_tool, "check", "rules", "alerts.yml")
 
@@ -111,3 +142,10 @@ def test_firing_cases_check_the_annotations(name: str) -> None:
             if check["alertname"] == name:
                 for alert in check["exp_alerts"]:
                     assert set(alert["exp_annotations"]) == set(_rules()[name]["annotations"])
+
+
+def test_service_down_watches_the_five_services_alone() -> None:
+    # In a cluster's shared Prometheus, a bare `up == 0` would page for every other application.
+    expr = _rules()["ServiceDown"]["expr"].strip()
+    jobs = "|".join(spec.name for spec in SERVICES)
+    assert expr == f'up{{job=~"{jobs}"}} == 0'

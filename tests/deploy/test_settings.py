@@ -46,13 +46,17 @@ def compose_env(spec: ServiceSpec) -> dict[str, str]:
 def k8s_env(spec: ServiceSpec) -> dict[str, str]:
     docs = [
         doc
-        for path in (ROOT / "deploy/k8s").glob("*.yaml")
+        for path in (ROOT / "deploy/k8s/base").glob("*.yaml")
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
         if doc
     ]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "crossmodal-config"
+    )["data"]
     workload = next(
-        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == spec.name
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == spec.name
     )
     (container,) = workload["spec"]["template"]["spec"]["containers"]
     env = {k: str(v) for k, v in config.items()}
