@@ -1,13 +1,14 @@
-"""The pieces every service's ``create_app()`` assembles: error handlers, request-id and metrics
-middleware, an access log line per request, ``/healthz``, ``/readyz`` and ``/metrics``; the
-service-token check of an internal service (``shared.service_auth``); a request body size limit
-a service can opt into; and ``serve()`` for ``python -m``."""
+"""The pieces every service's ``create_app()`` assembles: error handlers, the request middleware
+(request id, trace context, metrics, a JSON access line per request), ``/healthz``, ``/readyz``
+and ``/metrics``; the service-token check of an internal service (``shared.service_auth``); a
+request body size limit a service can opt into; and ``serve()`` for ``python -m``."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from http import HTTPStatus
@@ -21,8 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.logs import configure_logging
-from shared.metrics import QUIET_PATHS, RequestMiddleware, metrics_endpoint, start_error_series
+from shared.context import REQUEST_ID_HEADER, request_id_var
+from shared.logs import FIELDS, configure_logging
+from shared.metrics import (
+    QUIET_PATHS,
+    metrics_endpoint,
+    record_request,
+    route_template,
+    start_error_series,
+)
 from shared.problems import (
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
@@ -31,46 +39,125 @@ from shared.problems import (
 )
 from shared.service_auth import CallerVerifier, ServiceTokenMiddleware
 from shared.settings import ServiceSettings
+from shared.tracing import TRACERESPONSE, Span, span_var, start_span
 
 # A readiness check returns None when ready, or a short reason when not.
 ReadinessCheck = Callable[[FastAPI], Awaitable[str | None]]
 
 access_log = logging.getLogger("access")
+log = logging.getLogger(__name__)
+
+_REQUEST_ID_HEADER = REQUEST_ID_HEADER.lower().encode()
+_TRACERESPONSE_HEADER = TRACERESPONSE.encode()
+_MAX_REQUEST_ID = 128
 
 
-class AccessLogMiddleware:
-    """One log line per request (method, path, status, duration). It runs inside the request-id
-    middleware, so the line carries the request id: one search can be followed through the log
-    of every service it touched."""
+class RequestMiddleware:
+    """Outermost of a service's middleware, pure ASGI. Per request: the request id (the caller's
+    ``X-Request-ID`` when printable and at most 128 characters, else a new one), the span of the
+    trace (``shared.tracing``: the caller's ``traceparent`` continued, else a new trace), both in
+    context for every log line and outgoing call and on the response (``X-Request-ID``,
+    ``traceresponse``); the request metrics; one JSON access line. Probes and scrapes
+    (``QUIET_PATHS``) are neither counted nor logged: they would drown the log. An exception
+    nothing else handled is answered here, a 500 problem with the request id, so its traceback
+    is logged once, with the request's ids."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, service: str) -> None:
         self.app = app
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in QUIET_PATHS:
-            # Probes and scrapes would drown the log; everything else gets one line.
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        request_id: str | None = None
+        traceparent: str | None = None
+        parents = 0
+        tracestate: str | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if request_id is None:
+                    text = value.decode("latin-1").strip()
+                    if 0 < len(text) <= _MAX_REQUEST_ID and text.isprintable():
+                        request_id = text
+            elif name == b"traceparent":
+                traceparent = value.decode("latin-1")
+                parents += 1
+            elif name == b"tracestate":
+                text = value.decode("latin-1")
+                # Several fields are one list (RFC 9110 field order).
+                tracestate = text if tracestate is None else f"{tracestate},{text}"
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        # Two traceparent fields are not one valid value: a new trace.
+        span = start_span(traceparent if parents == 1 else None, tracestate)
+        request_token = request_id_var.set(request_id)
+        span_token = span_var.set(span)
+        added = [
+            (_REQUEST_ID_HEADER, request_id.encode("latin-1")),
+            (_TRACERESPONSE_HEADER, span.traceparent.encode()),
+        ]
         status = 500
+        responded = False
+        finished: float | None = None
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
+                responded = True
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Answered: background tasks after this are not the client's wait.
+                finished = time.perf_counter()
             await send(message)
 
+        error_type: str | None = None
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            error_type = type(exc).__name__
+            log.exception("unhandled error on %s %s", scope["method"], route_template(scope))
+            if responded:  # too late for a problem body: the server drops the connection
+                raise
+            await problem_response(
+                None,
+                500,
+                "internal_error",
+                "internal server error",
+                extra={"instance": scope.get("path", "")},
+            )(scope, receive, send_wrapper)
         finally:
-            # The path only: query strings could carry data that does not belong in logs.
-            access_log.info(
-                "%s %s %d %.1fms",
-                scope.get("method", ""),
-                scope.get("path", ""),
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
+            if scope["path"] not in QUIET_PATHS:
+                seconds = (finished or time.perf_counter()) - started
+                endpoint = route_template(scope)
+                record_request(self.service, endpoint, scope["method"], status, seconds, error_type)
+                if access_log.isEnabledFor(logging.INFO):
+                    self._log(scope, endpoint, status, seconds, span)
+            span_var.reset(span_token)
+            request_id_var.reset(request_token)
+
+    @staticmethod
+    def _log(scope: Scope, endpoint: str, status: int, seconds: float, span: Span) -> None:
+        client = scope.get("client")
+        # The route template, never the path or query: they can carry ids and data.
+        access_log.info(
+            "%s %s %d",
+            scope["method"],
+            endpoint,
+            status,
+            extra={
+                FIELDS: {
+                    "method": scope["method"],
+                    "route": endpoint,
+                    "status": status,
+                    "latency_ms": round(seconds * 1000, 3),
+                    "client": client[0] if client else None,
+                    "parent_id": span.parent_id,
+                }
+            },
+        )
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -195,8 +282,8 @@ def build_app(
     middleware: Sequence[Middleware] = (),
     callers: CallerVerifier | None = None,
 ) -> FastAPI:
-    """The service skeleton. ``middleware`` (outermost first) runs inside the request-id and
-    access-log middleware, so whatever it answers still carries a request id and is logged.
+    """The service skeleton. ``middleware`` (outermost first) runs inside ``RequestMiddleware``,
+    so whatever it answers still carries the request id and trace and is logged.
     With ``callers`` (an internal service), every request but the open paths needs a service
     token, checked before ``middleware``; the verifier starts and stops with the lifespan."""
     lifespan = _counting_errors(service, lifespan)
@@ -208,13 +295,12 @@ def build_app(
         version=version,
         description=description,
         lifespan=lifespan,
-        middleware=[Middleware(AccessLogMiddleware), *middleware],
+        middleware=[Middleware(RequestMiddleware, service=service), *middleware],
         # Metrics are Prometheus' (shared.metrics); FastAPI's OpenTelemetry hooks would only
         # look up the environment for a provider on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_problem_handlers(app)
-    app.add_middleware(RequestMiddleware, service=service)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -1,5 +1,5 @@
 """HTTP client for calls between services: explicit timeouts, bounded retries for idempotent
-requests, the request id passed along, a per-request deadline shared by every call of one
+requests, the request id and the trace context (``traceparent``, ``tracestate``) passed along, a per-request deadline shared by every call of one
 request, an optional circuit breaker, and upstream failures turned into problem errors.
 
 A downstream service that is down or slow always ends as a 503 problem (``<service>_unavailable``,
@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from shared.context import REQUEST_ID_HEADER, request_id_var
 from shared.problems import ProblemError, ServiceUnavailable
+from shared.tracing import outgoing_headers
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,8 @@ class ServiceClient:
         request_id = request_id_var.get()
         if request_id:
             headers.setdefault(REQUEST_ID_HEADER, request_id)
+        # The current span as the parent of the callee's: one trace across the services.
+        outgoing_headers(headers)
         remaining = remaining_budget()
         if remaining is not None and remaining <= 0:
             raise self._timed_out("was not called: the request's time budget is spent")

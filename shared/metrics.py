@@ -1,4 +1,4 @@
-"""Prometheus metrics shared by every service, and a pure-ASGI middleware that records them.
+"""Prometheus metrics shared by every service; ``shared.app.RequestMiddleware`` records them.
 
 Names follow the tutorial's ``multimodal_*`` family so its dashboards and alert rules apply.
 Requests are labelled by route template (``/items/{item_id}``), never by raw path, so label
@@ -9,17 +9,13 @@ what clients asked.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from shared.context import REQUEST_ID_HEADER, request_id_var
+from starlette.types import Scope
 
 REQUESTS = Counter(
     "multimodal_requests_total",
@@ -39,71 +35,33 @@ REQUEST_DURATION = Histogram(
 )
 
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_UNMATCHED = "unmatched"
-_MAX_REQUEST_ID = 128
+UNMATCHED = "unmatched"
 
 
-def _route_template(scope: Scope) -> str:
+def route_template(scope: Scope) -> str:
+    """The template of the route that answered (``/items/{item_id}``), ``unmatched`` for none."""
     route = scope.get("route")
-    return getattr(route, "path", None) or _UNMATCHED
+    return getattr(route, "path", None) or UNMATCHED
 
 
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            text = value.decode("latin-1").strip()
-            if 0 < len(text) <= _MAX_REQUEST_ID and text.isprintable():
-                return text
-    return None
-
-
-class RequestMiddleware:
-    """Assigns the request id (keeping a caller's ``X-Request-ID``) and records request metrics."""
-
-    def __init__(self, app: ASGIApp, service: str) -> None:
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        # By path, not by route: a scrape or probe is quiet whatever the router calls it.
-        counted = scope.get("path") not in QUIET_PATHS
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        token = request_id_var.set(request_id)
-        status = 500
-        started = time.perf_counter()
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append((REQUEST_ID_HEADER.lower().encode(), request_id.encode("latin-1")))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        error_type: str | None = None
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception as exc:
-            error_type = type(exc).__name__
-            raise
-        finally:
-            if counted:
-                endpoint = _route_template(scope)
-                REQUESTS.labels(self.service, endpoint, scope["method"], str(status)).inc()
-                REQUEST_DURATION.labels(self.service, endpoint).observe(
-                    time.perf_counter() - started
-                )
-                # One count per failed request: by exception type when one escaped, else by
-                # status (the 500 an escaped exception becomes is the same failure).
-                if error_type is None and status >= 500:
-                    error_type = f"http_{status}"
-                if error_type is not None:
-                    ERRORS.labels(self.service, endpoint, error_type).inc()
-            request_id_var.reset(token)
+def record_request(
+    service: str,
+    endpoint: str,
+    method: str,
+    status: int,
+    seconds: float,
+    error_type: str | None = None,
+) -> None:
+    """Count one request (not a probe or scrape; the caller leaves those out). ``error_type``
+    names the exception that escaped, if any."""
+    REQUESTS.labels(service, endpoint, method, str(status)).inc()
+    REQUEST_DURATION.labels(service, endpoint).observe(seconds)
+    # One count per failed request: by exception type when one escaped, else by status (the
+    # 500 an escaped exception becomes is the same failure).
+    if error_type is None and status >= 500:
+        error_type = f"http_{status}"
+    if error_type is not None:
+        ERRORS.labels(service, endpoint, error_type).inc()
 
 
 def start_error_series(service: str, routes: Iterable[BaseRoute]) -> None:

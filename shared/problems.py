@@ -1,7 +1,7 @@
 """One error hierarchy and one handler: every 4xx/5xx is an RFC 9457 problem body.
 
-Body: {"type", "title", "status", "detail", "code", "instance", ...extra}. ``code`` is the stable,
-machine-readable part; ``detail`` is for humans and may change.
+Body: {"type", "title", "status", "detail", "code", "instance", ...extra}, and ``request_id`` on a
+5xx. ``code`` is the stable, machine-readable part; ``detail`` is for humans and may change.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
+
+from shared.context import request_id_var
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://crossmodal.dev/problems/"
@@ -121,6 +123,9 @@ def problem_response(
     }
     if request is not None:
         body["instance"] = request.url.path
+    if status >= 500 and (request_id := request_id_var.get()):
+        # The id to quote when reporting a failure: it finds the failure's log lines.
+        body["request_id"] = request_id
     if extra:
         body.update({k: v for k, v in extra.items() if k not in body})
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_CONTENT_TYPE)

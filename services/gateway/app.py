@@ -337,8 +337,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 allow_origins=list(settings.cors_allow_origins),
                 allow_credentials=settings.cors_allow_credentials,
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                expose_headers=["X-Request-ID", "X-Cache", "Retry-After"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "X-Request-ID",
+                    "traceparent",
+                    "tracestate",
+                ],
+                expose_headers=["X-Request-ID", "traceresponse", "X-Cache", "Retry-After"],
                 max_age=600,
             )
         )

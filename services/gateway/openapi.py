@@ -53,6 +53,9 @@ class Problem(BaseModel):
     instance: str | None = Field(None, examples=["/search/text"])
     errors: list[ValidationIssue] | None = Field(None, description="With validation_error.")
     required_scopes: list[str] | None = Field(None, description="With insufficient_scope.")
+    request_id: str | None = Field(
+        None, description="With a 5xx: the request's id, to quote when reporting the failure."
+    )
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:

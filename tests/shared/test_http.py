@@ -1,5 +1,6 @@
 """ServiceClient: downstream problems pass through, failures and slowness become 503s within the
-request's deadline, ids propagate, and the circuit breaker stops calls to a failing service."""
+request's deadline, request ids and trace context propagate, and the circuit breaker stops calls
+to a failing service."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from shared.problems import (
     ServiceUnavailable,
     install_problem_handlers,
 )
+from shared.tracing import span_var, start_span
 
 pytestmark = pytest.mark.anyio
 
@@ -36,6 +38,10 @@ def downstream() -> tuple[FastAPI, dict[str, int]]:
     @app.get("/echo-id")
     async def echo_id(request: Request) -> dict[str, str | None]:
         return {"id": request.headers.get("x-request-id")}
+
+    @app.get("/echo-trace")
+    async def echo_trace(request: Request) -> dict[str, str | None]:
+        return {k: request.headers.get(k) for k in ("traceparent", "tracestate")}
 
     @app.get("/flaky")
     async def flaky() -> dict[str, int]:
@@ -92,6 +98,24 @@ async def test_request_id_is_forwarded() -> None:
     finally:
         request_id_var.reset(token)
     assert response.json() == {"id": "req-42"}
+
+
+async def test_trace_context_is_forwarded_with_the_current_span_as_parent() -> None:
+    app, _ = downstream()
+    client = client_for(app)
+    # Outside a request (a background poll) there is no trace to continue.
+    response = await client.request("GET", "/echo-trace")
+    assert response.json() == {"traceparent": None, "tracestate": None}
+    span = start_span("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "congo=t61")
+    token = span_var.set(span)
+    try:
+        response = await client.request("GET", "/echo-trace")
+    finally:
+        span_var.reset(token)
+    assert response.json() == {
+        "traceparent": f"00-4bf92f3577b34da6a3ce929d0e0e4736-{span.span_id}-01",
+        "tracestate": "congo=t61",
+    }
 
 
 async def test_unreachable_service_is_503() -> None:
