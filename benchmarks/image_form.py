@@ -14,7 +14,7 @@ import time
 from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI, File, Form, Request, Response, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 
 from services.gateway.schemas import Target
 from services.gateway.uploads import read_image_search_form, read_upload
@@ -23,7 +23,10 @@ from shared.collections import COLLECTION_NAME_PATTERN
 ALLOWED = ("image/jpeg", "image/png")
 
 
-def _app() -> FastAPI:
+def form_app() -> FastAPI:
+    """Two routes that read the same form and answer its fields: ``/fastapi`` by FastAPI's own
+    form handling of the route's former signature, ``/raw`` by ``read_image_search_form``.
+    tests/services/gateway/test_gateway_image_form.py holds the second to the first."""
     app = FastAPI()
 
     @app.post("/fastapi")
@@ -33,14 +36,14 @@ def _app() -> FastAPI:
         target: Annotated[Target, Form()] = "text",
         collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
         filters: Annotated[str | None, Form()] = None,
-    ) -> Response:
+    ) -> dict[str, Any]:
         await read_upload(image, 10**7, ALLOWED)
-        return Response(b"{}", media_type="application/json")
+        return {"top_k": top_k, "target": target, "collection": collection, "filters": filters}
 
     @app.post("/raw")
-    async def raw_form(request: Request) -> Response:
-        await read_image_search_form(request, 10**7, ALLOWED)
-        return Response(b"{}", media_type="application/json")
+    async def raw_form(request: Request) -> dict[str, Any]:
+        query = await read_image_search_form(request, 10**7, ALLOWED)
+        return query.fields.model_dump()
 
     return app
 
@@ -88,7 +91,7 @@ async def _measure(app: FastAPI, path: str, body: bytes, content_type: str, call
 
 
 async def _main(calls: int, image_bytes: int) -> None:
-    app = _app()
+    app = form_app()
     image = b"\xff\xd8\xff" + os.urandom(image_bytes - 3)
     request = httpx.Request(
         "POST",

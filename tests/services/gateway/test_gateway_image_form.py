@@ -1,20 +1,20 @@
 """``POST /search/image``'s form, read from the raw body (``uploads.read_image_search_form``):
 the same fields, defaults and validation errors as FastAPI's own form handling of the same
-signature, which the reference app below keeps; 400 for a body that does not parse."""
+signature (the `/fastapi` route of benchmarks/image_form.py); 400 for a body that does not parse."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
-from services.gateway.schemas import Target
+from benchmarks.image_form import form_app
 from services.gateway.uploads import ImageQuery, read_image_search_form
-from shared.collections import COLLECTION_NAME_PATTERN
 from shared.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED = ("image/jpeg", "image/png")
@@ -25,23 +25,11 @@ pytestmark = pytest.mark.anyio
 
 
 def _reference_app() -> FastAPI:
-    """The route's signature as FastAPI parsed it before: its errors are the contract."""
-    app = FastAPI()
-
-    @app.post("/search/image")
-    async def search_image(
-        image: Annotated[UploadFile, File()],
-        top_k: Annotated[int, Form(ge=1, le=100)] = 10,
-        target: Annotated[Target, Form()] = "text",
-        collection: Annotated[str, Form(pattern=COLLECTION_NAME_PATTERN)] = "demo",
-        filters: Annotated[str | None, Form()] = None,
-    ) -> dict[str, Any]:
-        return {"top_k": top_k, "target": target, "collection": collection, "filters": filters}
+    """The route's former signature, as FastAPI reads it: its answers are the contract."""
+    app = form_app()
 
     @app.exception_handler(RequestValidationError)
-    async def errors(request: Request, exc: RequestValidationError) -> Any:
-        from fastapi.responses import JSONResponse
-
+    async def errors(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"errors": _summary(exc.errors())}, status_code=422)
 
     return app
@@ -98,7 +86,7 @@ async def test_the_form_reads_as_fastapi_reads_it(files: Any, data: Any) -> None
     body, content_type = _encoded(files=files, data=data)
     if files is None:  # httpx sends a form without files url-encoded: make it multipart
         body, content_type = _encoded(files={"_": (None, b"")}, data=data)
-    expected = REFERENCE.post("/search/image", content=body, headers={"content-type": content_type})
+    expected = REFERENCE.post("/fastapi", content=body, headers={"content-type": content_type})
     try:
         query = await _read(body, content_type)
     except RequestValidationError as exc:
