@@ -1,6 +1,7 @@
 """HTTP client for calls between services: explicit timeouts, bounded retries for idempotent
-requests, the request id and the trace context (``traceparent``, ``tracestate``) passed along, a per-request deadline shared by every call of one
-request, an optional circuit breaker, and upstream failures turned into problem errors.
+requests, the request id and the trace context (``traceparent``, ``tracestate``) passed along, a
+per-request deadline shared by every call of one request, an optional circuit breaker, and
+upstream failures turned into problem errors.
 
 A downstream service that is down or slow always ends as a 503 problem (``<service>_unavailable``,
 ``<service>_error`` or ``<service>_timeout``) with ``Retry-After``: the caller's request can be

@@ -22,8 +22,6 @@ from services.gateway.orchestrator import Upload
 from services.gateway.schemas import ImageSearchFields
 from shared.problems import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
-_CHUNK = 1024 * 1024
-
 # Labels clients commonly send for the same formats.
 _ALIASES = {
     "image/jpg": "image/jpeg",
@@ -59,18 +57,9 @@ def sniff_image_type(data: bytes) -> str | None:
 
 
 async def read_upload(upload: UploadFile, max_bytes: int, allowed_types: tuple[str, ...]) -> Upload:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await upload.read(_CHUNK):
-        size += len(chunk)
-        if size > max_bytes:
-            _check_type(upload.content_type, allowed_types)
-            raise PayloadTooLarge(
-                f"the image is larger than {max_bytes} bytes", code="image_too_large"
-            )
-        chunks.append(chunk)
+    # The whole file: the request body limit (BodySizeLimitMiddleware) already bounds it.
     return check_upload(
-        upload.filename, upload.content_type, b"".join(chunks), max_bytes, allowed_types
+        upload.filename, upload.content_type, await upload.read(), max_bytes, allowed_types
     )
 
 
