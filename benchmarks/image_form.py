@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import httpx
 from fastapi import FastAPI, File, Form, Request, UploadFile
 
+from benchmarks.middleware import scope
 from services.gateway.schemas import Target
 from services.gateway.uploads import read_image_search_form, read_upload
 from shared.collections import COLLECTION_NAME_PATTERN
@@ -52,20 +53,7 @@ async def _measure(app: FastAPI, path: str, body: bytes, content_type: str, call
     # The body in 64 KiB messages, as uvicorn hands it over.
     chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
     headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": headers,
-        "scheme": "http",
-        "server": ("bench", 80),
-        "client": ("bench", 1),
-        "root_path": "",
-    }
+    request_scope = scope(headers, "POST", path)
 
     async def call() -> None:
         messages = iter(
@@ -80,7 +68,7 @@ async def _measure(app: FastAPI, path: str, body: bytes, content_type: str, call
             if message["type"] == "http.response.start":
                 assert message["status"] == 200, message
 
-        await app(dict(scope), receive, send)
+        await app(dict(request_scope), receive, send)
 
     for _ in range(200):
         await call()

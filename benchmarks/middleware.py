@@ -58,15 +58,18 @@ def bare_app() -> FastAPI:
     return app
 
 
-def scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+def scope(
+    headers: list[tuple[bytes, bytes]], method: str = "GET", path: str = "/things/7"
+) -> dict[str, Any]:
+    """The HTTP scope of one in-process request (as uvicorn would hand it over)."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "GET",
+        "method": method,
         "scheme": "http",
-        "path": "/things/7",
-        "raw_path": b"/things/7",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": headers,
