@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.metrics import descendant_pids
+
 ROOT = Path(__file__).resolve().parents[1]
 E2E_DIR = ROOT / "var" / "bench" / "e2e"
 COLLECTION = "bench"
@@ -185,12 +187,22 @@ def render_headline(items: Sequence[dict[str, Any]]) -> str:
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (fields 14 and 15 of /proc/<pid>/stat; the command
-    name in field 2 may hold spaces, so split after its closing parenthesis)."""
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (field 2, which may hold spaces)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and every process under it (a gateway's workers): utime + stime
+    (fields 14 and 15 of /proc/<pid>/stat) of each, and ``pid``'s cutime + cstime (16, 17: its
+    children that exited)."""
+    fields = _stat_fields(pid)
+    ticks = sum(int(f) for f in fields[11:15])
+    for child in descendant_pids(pid):
+        with contextlib.suppress(OSError):
+            ticks += sum(int(f) for f in _stat_fields(child)[11:13])
+    return ticks / _TICK
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
@@ -360,10 +372,13 @@ def stack_settings(args: argparse.Namespace, run_id: str) -> Settings:
     }
     for name in ("GATEWAY", "AUTH", "FEATURE", "RETRIEVAL", "METADATA"):
         env[f"{name}_LOG_LEVEL"] = args.log_level
+    env["GATEWAY_WORKERS"] = str(args.gateway_workers)
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
     notes = [
+        f"gateway worker processes: {env['GATEWAY_WORKERS']} (GATEWAY_WORKERS; its CPU is the sum "
+        "of its processes)",
         "rate limits: search:text, search:image and per-IP buckets set to rate 1,000,000/s, "
         "burst 1,000,000 (the limiter still runs: its Redis calls are measured)",
         "the gateway's background drift repair off (GATEWAY_RECONCILE_INTERVAL_SECONDS=0)",
@@ -645,6 +660,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vectors", type=int, help="collection size (1,000,000; quick 2,000)")
     parser.add_argument("--index", default="auto", help="Faiss factory of the collection")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=2,
+        help="GATEWAY_WORKERS (2: one per core of the development machine)",
+    )
     parser.add_argument(
         "--feature-runtime",
         default="auto",

@@ -7,6 +7,7 @@ client secrets of its own for the calling services (shared/service_auth.py), new
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -153,14 +154,21 @@ class ServiceProcess:
             return ""
 
     def stop(self, *, kill: bool = False, timeout: float = 15.0) -> None:
+        """SIGTERM (a service with workers stops them itself); ``kill``, or no exit within
+        ``timeout``: SIGKILL to the whole process group, workers included."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        if not kill:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        # The service leads a session of its own (start_new_session), so its group is its own.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(5)
 
 
 class LocalStack:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,14 +24,18 @@ from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.importer import import_from_string
 
 from shared.context import REQUEST_ID_HEADER, request_id_var
 from shared.logs import FIELDS, configure_logging
 from shared.metrics import (
+    MULTIPROCESS_DIR_ENV,
     QUIET_PATHS,
+    SUPERVISOR_PID_ENV,
     metrics_endpoint,
     record_request,
     route_template,
+    scrape_registry,
     start_error_series,
 )
 from shared.problems import (
@@ -338,18 +345,54 @@ def uvicorn_options(
     }
 
 
+# How a worker process learns which app to build: uvicorn spawns a fresh interpreter for each
+# worker, which inherits the environment and imports ``worker_app``.
+_WORKER_ENV = "CROSSMODAL_WORKER"
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker of several: logging as in ``serve``, then the service's factory."""
+    spec = json.loads(os.environ[_WORKER_ENV])
+    configure_logging(spec["service"], spec["log_level"])
+    factory: Callable[[], FastAPI] = import_from_string(spec["factory"])
+    return factory()
+
+
 def serve(
     service: str,
     factory: Callable[[], FastAPI],
     settings: ServiceSettings,
     *,
     trusted_proxies: Sequence[str] = (),
+    workers: int = 1,
 ) -> None:
     """Run one service in the foreground: the command ``make run``, compose and Kubernetes use.
     Only the gateway has proxies in front (``trusted_proxies``); the internal services take
-    their peer's address as it is."""
+    their peer's address as it is. With ``workers`` above 1 (a stateless service only), uvicorn
+    supervises that many processes accepting on the one port, and the metrics of them all are
+    kept in a private directory (``shared.metrics``) that is removed on exit."""
     configure_logging(service, settings.log_level)
-    if settings.metrics_port is not None:
-        # prometheus_client's server, on a thread of its own: every path answers the scrape.
-        start_http_server(settings.metrics_port, addr=settings.host)
-    uvicorn.run(factory, factory=True, **uvicorn_options(settings, trusted_proxies=trusted_proxies))
+    options = uvicorn_options(settings, trusted_proxies=trusted_proxies)
+    if workers == 1:
+        if settings.metrics_port is not None:
+            # prometheus_client's server, on a thread of its own: every path answers the scrape.
+            start_http_server(settings.metrics_port, addr=settings.host)
+        uvicorn.run(factory, factory=True, **options)
+        return
+    metrics_dir = tempfile.mkdtemp(prefix=f"{service}-metrics-")
+    os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
+    os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())
+    os.environ[_WORKER_ENV] = json.dumps(
+        {
+            "service": service,
+            "factory": f"{factory.__module__}:{factory.__qualname__}",
+            "log_level": settings.log_level,
+        }
+    )
+    try:
+        if settings.metrics_port is not None:
+            start_http_server(settings.metrics_port, addr=settings.host, registry=scrape_registry())
+        log.info("starting %d workers", workers, extra={FIELDS: {"workers": workers}})
+        uvicorn.run("shared.app:worker_app", factory=True, workers=workers, **options)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

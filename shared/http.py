@@ -37,6 +37,8 @@ CIRCUIT_STATE = Gauge(
     "multimodal_circuit_breaker_state",
     "Circuit breaker state per downstream target: 0 closed, 1 half-open, 2 open.",
     ["target"],
+    # Each worker of several keeps its own breakers: the scrape shows the worst one.
+    multiprocess_mode="livemax",
 )
 CIRCUIT_REJECTIONS = Counter(
     "multimodal_circuit_breaker_rejections_total",

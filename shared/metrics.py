@@ -5,13 +5,33 @@ Requests are labelled by route template (``/items/{item_id}``), never by raw pat
 cardinality stays bounded. Prometheus' scrapes and the orchestrator's probes (``QUIET_PATHS``) are
 not traffic: they are never counted, so rates, latency percentiles and error ratios describe
 what clients asked.
+
+A service served by several worker processes (``GATEWAY_WORKERS``) runs prometheus_client in
+its multiprocess mode: each worker writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR``,
+and a scrape answered by any worker (or by the supervisor's metrics port) adds them up. Every
+gauge such a service sets therefore names its ``multiprocess_mode``, and a gauge computed at
+scrape time (``computed_gauge``) is written by each worker every few seconds instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -73,5 +93,142 @@ def start_error_series(service: str, routes: Iterable[BaseRoute]) -> None:
             ERRORS.labels(service, path, "http_500")
 
 
+# -- several worker processes -----------------------------------------------------------------
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The pid of the process that started the workers (``shared.app.serve``): the process metrics
+# of a scrape cover it and every process under it.
+SUPERVISOR_PID_ENV = "CROSSMODAL_SUPERVISOR_PID"
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def multiprocess_dir() -> str | None:
+    """Where the workers write their samples; None for a service in one process."""
+    return os.environ.get(MULTIPROCESS_DIR_ENV) or None
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """``pid``'s children, theirs and so on, from /proc (empty once ``pid`` is gone)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found.extend(children)
+                pending.extend(children)
+    return found
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (which may hold spaces)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+class WorkerGroupCollector:
+    """What a scrape of a service in several processes shows: every worker's samples from the
+    multiprocess directory, and the process metrics of the whole group (the supervisor and
+    every process under it) under the names a single process exports, so dashboards read the
+    same. CPU includes exited workers (the supervisor's reaped children's time), so the counter
+    does not fall when a worker is replaced. Live gauges of workers that are gone are dropped
+    first."""
+
+    def __init__(self, directory: str, supervisor_pid: int) -> None:
+        self._directory = directory
+        self._supervisor = supervisor_pid
+        self._files = MultiProcessCollector(None, path=directory)
+
+    def _forget_gone_workers(self) -> None:
+        for path in Path(self._directory).glob("gauge_live*_*.db"):
+            pid = int(path.stem.rsplit("_", 1)[1])
+            if not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(FileNotFoundError):
+                    mark_process_dead(pid, self._directory)
+
+    def _group(self) -> Iterator[Metric]:
+        cpu_ticks = 0
+        rss_pages = 0
+        started_ticks = None
+        for pid in (self._supervisor, *descendant_pids(self._supervisor)):
+            try:
+                fields = _stat(pid)
+            except OSError:
+                continue  # exited since it was listed
+            # utime, stime (and for the supervisor cutime, cstime: its reaped workers).
+            cpu_ticks += int(fields[11]) + int(fields[12])
+            if pid == self._supervisor:
+                cpu_ticks += int(fields[13]) + int(fields[14])
+                started_ticks = int(fields[19])
+            rss_pages += int(fields[21])
+        yield CounterMetricFamily(
+            "process_cpu_seconds_total",
+            "User and system CPU time of the service's processes, in seconds.",
+            value=cpu_ticks / _TICK,
+        )
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes",
+            "Resident memory of the service's processes, in bytes.",
+            value=rss_pages * _PAGE,
+        )
+        if started_ticks is not None:
+            boot = next(
+                float(line.split()[1])
+                for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime ")
+            )
+            yield GaugeMetricFamily(
+                "process_start_time_seconds",
+                "Start time of the service's first process since the epoch, in seconds.",
+                value=boot + started_ticks / _TICK,
+            )
+
+    def collect(self) -> Iterator[Metric]:
+        self._forget_gone_workers()
+        yield from self._files.collect()
+        yield from self._group()
+
+
+def scrape_registry() -> CollectorRegistry:
+    """What a scrape reads: this process's registry, or for a service in several worker
+    processes every worker's samples and the group's process metrics."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return REGISTRY
+    registry = CollectorRegistry(auto_describe=True)
+    supervisor = int(os.environ.get(SUPERVISOR_PID_ENV) or os.getpid())
+    registry.register(WorkerGroupCollector(directory, supervisor))
+    return registry
+
+
 async def metrics_endpoint(_: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)
+
+
+# Gauges whose value is read from the process when scraped; in multiprocess mode a scrape
+# reads files, so ``refresh_computed_gauges`` writes them instead.
+_COMPUTED: dict[Gauge, Callable[[], float]] = {}
+COMPUTED_REFRESH_SECONDS = 5.0
+
+
+def computed_gauge(gauge: Gauge, read: Callable[[], float]) -> None:
+    """``gauge`` shows ``read()``: computed at each scrape in a single process, written every
+    ``COMPUTED_REFRESH_SECONDS`` by ``refresh_computed_gauges`` in a worker of several. The
+    last call for a gauge wins (a new app instance replaces the old one's reader)."""
+    if multiprocess_dir() is None:
+        gauge.set_function(read)
+    else:
+        _COMPUTED[gauge] = read
+
+
+async def refresh_computed_gauges(every: float = COMPUTED_REFRESH_SECONDS) -> None:
+    """Write each computed gauge now and then, for as long as a worker of several runs (returns
+    at once in a single process, where they are computed at scrape time)."""
+    if multiprocess_dir() is None:
+        return
+    while True:
+        for gauge, read in list(_COMPUTED.items()):
+            gauge.set(read())
+        await asyncio.sleep(every)

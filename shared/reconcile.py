@@ -53,6 +53,7 @@ DRIFT = Gauge(
     "Ids present in one of retrieval and metadata but not the other at the last reconcile, by "
     "collection, modality and side (retrieval_only, metadata_only).",
     ["collection", "modality", "side"],
+    multiprocess_mode="mostrecent",
 )
 REPAIRED = Counter(
     "crossmodal_reconcile_repaired_total",
@@ -63,6 +64,7 @@ LAST_RUN = Gauge(
     "crossmodal_reconcile_last_run_timestamp_seconds",
     "Unix time of the last completed reconcile, by collection.",
     ["collection"],
+    multiprocess_mode="max",
 )
 
 

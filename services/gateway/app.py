@@ -72,6 +72,7 @@ from shared.contracts.metadata import (
 from shared.contracts.retrieval import RetrievalClient
 from shared.http import CircuitBreaker, ServiceClient, request_deadline
 from shared.images import served_image
+from shared.metrics import refresh_computed_gauges
 from shared.oauth import REVOKE_REQUEST_DOC, TOKEN_REQUEST_DOC
 from shared.problems import ProblemError
 from shared.service_tokens import ServiceTokens
@@ -260,10 +261,11 @@ def _make_lifespan(settings: GatewaySettings) -> Callable[[FastAPI], Any]:
             Maintenance(state.orchestrator, redis, settings).run(),
             name="maintenance",
         )
+        gauges = asyncio.create_task(refresh_computed_gauges(), name="computed-gauges")
         try:
             yield
         finally:
-            for task in (poller, maintenance):
+            for task in (poller, maintenance, gauges):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge
 
 from services.gateway.redis_guard import GuardedRedis, RedisUnavailable, ScriptCall, run_scripts
+from shared.metrics import computed_gauge
 
 if TYPE_CHECKING:
     from services.gateway.ratelimit import Charge
@@ -40,6 +41,8 @@ CACHE_HIT_RATIO = Gauge(
     "multimodal_cache_hit_ratio",
     "Share of search result cache lookups answered from the cache over the last window "
     "(GATEWAY_CACHE_WINDOW_SECONDS, default 5 minutes); NaN when there was no lookup.",
+    # With several workers, the window of the worker that wrote it last (every few seconds).
+    multiprocess_mode="livemostrecent",
 )
 
 
@@ -130,8 +133,8 @@ class ResultCache:
         # cached page of theirs is served again.
         self._pending_bumps: set[str] = set()
         self._lookup = redis.client.register_script(_LOOKUP)
-        # The gauge is computed at scrape time, so it decays to NaN when searches stop.
-        CACHE_HIT_RATIO.set_function(self.ratio.value)
+        # The gauge is computed from the window, so it decays to NaN when searches stop.
+        computed_gauge(CACHE_HIT_RATIO, self.ratio.value)
 
     def _version_key(self, collection: str) -> str:
         return version_key(self._prefix, collection)

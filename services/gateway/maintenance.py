@@ -46,6 +46,7 @@ RECONCILE_ITEMS = Counter(
 RECONCILE_LAST = Gauge(
     "gateway_reconcile_last_success_timestamp_seconds",
     "Unix time of the last completed round of the background drift repair",
+    multiprocess_mode="max",
 )
 
 

@@ -20,17 +20,22 @@ from collections.abc import Callable
 from prometheus_client import Gauge
 
 from shared.contracts.auth import AuthClient
+from shared.metrics import computed_gauge
 from shared.problems import ProblemError, ServiceUnavailable
 from shared.tokens import Principal, RevocationSet, token_revoked
 
 log = logging.getLogger(__name__)
 
 REVOCATIONS_KNOWN = Gauge(
-    "gateway_revocations", "Revocation entries (token ids and subjects) the gateway holds."
+    "gateway_revocations",
+    "Revocation entries (token ids and subjects) the gateway holds.",
+    multiprocess_mode="livemax",
 )
 REVOCATIONS_AGE = Gauge(
     "gateway_revocation_list_age_seconds",
     "Seconds since the revocation list was last fetched from the auth service.",
+    # With several workers, the stalest one's list.
+    multiprocess_mode="livemax",
 )
 
 # Entries recorded while a poll was in flight are fetched again by the next one.
@@ -61,7 +66,7 @@ class RevocationList:
         self._last_full = float("-inf")
         self._fetched_at = clock()  # a fresh start counts as fresh for max_staleness
         self._failing = False
-        REVOCATIONS_AGE.set_function(lambda: self._clock() - self._fetched_at)
+        computed_gauge(REVOCATIONS_AGE, lambda: self.age)
 
     @property
     def age(self) -> float:

@@ -60,6 +60,10 @@ class GatewaySettings(ServiceSettings):
     )
 
     port: int = Field(8000, ge=1, le=65535)
+    # Processes accepting on the port (the gateway keeps no state of its own: limits, cache and
+    # leases are in Redis). One event loop saturates one core near 1,300 cached image searches
+    # per second; set it to the cores the gateway may use. Kubernetes scales replicas instead.
+    workers: int = Field(1, ge=1, le=64)
 
     auth_url: str = "http://127.0.0.1:8001"
     feature_url: str = "http://127.0.0.1:8002"
