@@ -5,8 +5,8 @@ The route thread pool's workers come and go (anyio ends one after 10 s idle), ea
 on some arena, and the multipart bodies, images and thumbnails they allocate leave free chunks
 behind in every arena they touched, which glibc keeps rather than returns. Measured under a
 soak-like mix (2 cores): the process's live heap stayed at about 40 MiB while free memory held in
-the arenas grew from 29 to 50 MiB in four minutes (resident memory +15 %); with two arenas it
-stayed at 7-8 MiB, resident memory flat.
+the arenas grew from 29 to 52 MiB in four minutes (resident memory +15 %); with two arenas it
+stayed at 5-8 MiB (resident memory +2 %).
 """
 
 from __future__ import annotations
