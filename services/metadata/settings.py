@@ -28,3 +28,7 @@ class MetadataSettings(InternalServiceSettings):
     # for deletions to purge (a restart, or another replica's, resumes them within that).
     purge_batch: int = Field(500, ge=1, le=10_000)
     purge_poll_seconds: float = Field(5.0, gt=0, le=3600)
+    # glibc malloc arenas of the process (services/metadata/memory.py): with glibc's default (up
+    # to 8 per core) free memory piles up in the arenas of the route threads. 0: glibc's default;
+    # a MALLOC_ARENA_MAX environment variable takes precedence.
+    malloc_arena_max: int = Field(2, ge=0, le=1024)
