@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.metrics import descendant_pids
+from shared.metrics import process_group_usage
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E_DIR = ROOT / "var" / "bench" / "e2e"
@@ -184,25 +184,10 @@ def render_headline(items: Sequence[dict[str, Any]]) -> str:
 
 # --- processes and their CPU time -----------------------------------------------------------
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name (field 2, which may hold spaces)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()
-
 
 def cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and every process under it (a gateway's workers): utime + stime
-    (fields 14 and 15 of /proc/<pid>/stat) of each, and ``pid``'s cutime + cstime (16, 17: its
-    children that exited)."""
-    fields = _stat_fields(pid)
-    ticks = sum(int(f) for f in fields[11:15])
-    for child in descendant_pids(pid):
-        with contextlib.suppress(OSError):
-            ticks += sum(int(f) for f in _stat_fields(child)[11:13])
-    return ticks / _TICK
+    """CPU seconds of ``pid`` and every process under it (a gateway's workers)."""
+    return process_group_usage(pid).cpu_seconds
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:

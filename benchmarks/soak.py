@@ -59,7 +59,7 @@ from benchmarks.loadgen import (
     MixWorkload,
     parse_mix,
 )
-from shared.metrics import descendant_pids
+from shared.metrics import process_group_usage
 
 ROOT = Path(__file__).resolve().parents[1]
 SOAK_DIR = ROOT / "var" / "bench" / "soak"
@@ -151,20 +151,8 @@ def verdicts(
 
 
 def rss_kib(pid: int) -> int:
-    """Resident memory of ``pid`` and every process under it (a gateway's workers), KiB (VmRSS
-    of /proc/<pid>/status)."""
-
-    def one(pid: int) -> int:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise ValueError(f"no VmRSS for pid {pid}")
-
-    total = one(pid)
-    for child in descendant_pids(pid):
-        with contextlib.suppress(OSError, ValueError):
-            total += one(child)
-    return total
+    """Resident memory of ``pid`` and every process under it (a gateway's workers), KiB."""
+    return process_group_usage(pid).rss_bytes // 1024
 
 
 def rss_snapshot(pids: dict[str, int]) -> dict[str, int]:

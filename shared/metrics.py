@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import (
@@ -128,6 +129,32 @@ def _stat(pid: int) -> list[str]:
     return text[text.rindex(")") + 2 :].split()
 
 
+@dataclass(frozen=True)
+class ProcessGroupUsage:
+    cpu_seconds: float
+    rss_bytes: int
+    # When the group's first process started, in clock ticks after boot.
+    started_ticks: int
+
+
+def process_group_usage(pid: int) -> ProcessGroupUsage:
+    """CPU and resident memory of ``pid`` and every process under it (a service's workers):
+    utime + stime of each (/proc/<pid>/stat fields 14, 15) and ``pid``'s cutime + cstime (16, 17:
+    its children that exited, so a replaced worker's time is kept); rss (24) of each. Raises
+    ``OSError`` when ``pid`` is gone; a process under it that exits meanwhile is skipped."""
+    fields = _stat(pid)
+    cpu_ticks = sum(int(f) for f in fields[11:15])
+    rss_pages = int(fields[21])
+    for child in descendant_pids(pid):
+        try:
+            child_fields = _stat(child)
+        except OSError:
+            continue  # exited since it was listed
+        cpu_ticks += int(child_fields[11]) + int(child_fields[12])
+        rss_pages += int(child_fields[21])
+    return ProcessGroupUsage(cpu_ticks / _TICK, rss_pages * _PAGE, int(fields[19]))
+
+
 class WorkerGroupCollector:
     """What a scrape of a service in several processes shows: every worker's samples from the
     multiprocess directory, and the process metrics of the whole group (the supervisor and
@@ -149,31 +176,21 @@ class WorkerGroupCollector:
                     mark_process_dead(pid, self._directory)
 
     def _group(self) -> Iterator[Metric]:
-        cpu_ticks = 0
-        rss_pages = 0
-        started_ticks = None
-        for pid in (self._supervisor, *descendant_pids(self._supervisor)):
-            try:
-                fields = _stat(pid)
-            except OSError:
-                continue  # exited since it was listed
-            # utime, stime (and for the supervisor cutime, cstime: its reaped workers).
-            cpu_ticks += int(fields[11]) + int(fields[12])
-            if pid == self._supervisor:
-                cpu_ticks += int(fields[13]) + int(fields[14])
-                started_ticks = int(fields[19])
-            rss_pages += int(fields[21])
+        try:
+            usage: ProcessGroupUsage | None = process_group_usage(self._supervisor)
+        except OSError:
+            usage = None  # the supervisor is gone
         yield CounterMetricFamily(
             "process_cpu_seconds_total",
             "User and system CPU time of the service's processes, in seconds.",
-            value=cpu_ticks / _TICK,
+            value=usage.cpu_seconds if usage else 0.0,
         )
         yield GaugeMetricFamily(
             "process_resident_memory_bytes",
             "Resident memory of the service's processes, in bytes.",
-            value=rss_pages * _PAGE,
+            value=usage.rss_bytes if usage else 0,
         )
-        if started_ticks is not None:
+        if usage is not None:
             boot = next(
                 float(line.split()[1])
                 for line in Path("/proc/stat").read_text().splitlines()
@@ -182,7 +199,7 @@ class WorkerGroupCollector:
             yield GaugeMetricFamily(
                 "process_start_time_seconds",
                 "Start time of the service's first process since the epoch, in seconds.",
-                value=boot + started_ticks / _TICK,
+                value=boot + usage.started_ticks / _TICK,
             )
 
     def collect(self) -> Iterator[Metric]:
